@@ -1,0 +1,126 @@
+"""The keys every training config has, their defaults, and the checks on their values.
+
+A config file (configs/NAME.py) starts from `base_config()` and changes what its job
+needs; a key that is not here is a typo and fails with a message naming it.
+"""
+
+import json
+from typing import Any
+
+import ml_collections
+
+from llmjax.optim import OPTIMIZERS, SCHEDULES
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "run"
+    c.seed = 0
+    c.num_train_steps = 1000
+    c.global_batch_size = 32
+    c.seq_len = 256
+    c.grad_accum_steps = 1  # microbatches per optimizer step
+    c.z_loss = 0.0
+    c.log_every_steps = 50
+    c.eval_every_steps = 200
+    c.eval_batches = 8  # held-out batches per evaluation
+    c.checkpoint_every_steps = 500
+    c.max_to_keep = 3
+    c.async_checkpointing = True
+    c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device (measure it on CPU)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "bundled:shakespeare"
+    c.data.eval = ""  # empty: hold out `eval_fraction` of data.train
+    c.data.eval_fraction = 0.05
+    c.data.tokenizer = "bpe:4096"
+    c.data.packing = "first_fit"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.family = "llama"
+    c.model.vocab_size = 0  # 0: the tokenizer's size
+    c.model.embed_dim = 256
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 4
+    c.model.head_dim = 0  # 0: embed_dim // num_heads
+    c.model.mlp_dim = 768
+    c.model.rope_theta = 10000.0
+    c.model.norm_eps = 1e-5
+    c.model.tie_embeddings = False
+    c.model.init_std = 0.02
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"
+    c.model.scan_layers = True
+    c.model.remat_policy = "none"
+    c.model.attention_impl = "auto"
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 3e-4
+    c.optimizer.warmup_steps = 100
+    c.optimizer.schedule = "cosine"
+    c.optimizer.min_lr_ratio = 0.1
+    c.optimizer.decay_fraction = 0.2  # wsd: share of training spent decaying
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.momentum = 0.9  # sgd
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1: all remaining devices
+    c.mesh.tensor = 1
+    c.mesh.dcn_data = 1  # across slices (multislice)
+    c.mesh.dcn_fsdp = 1
+    c.mesh.dcn_tensor = 1
+    c.mesh.rules = "fsdp+tp"
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.prompt = ""
+    c.sample.max_new_tokens = 0  # 0: no sample at the end of training
+    c.sample.temperature = 0.8
+    c.sample.top_k = 40
+    return c
+
+
+def _unknown_keys(config: Any, reference: Any, prefix: str) -> list[str]:
+    unknown = []
+    for key, value in config.items():
+        if key not in reference:
+            unknown.append(prefix + key)
+        elif isinstance(value, ml_collections.ConfigDict | dict):
+            unknown += _unknown_keys(value, reference[key], f"{prefix}{key}.")
+    return unknown
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the first bad key or value."""
+    unknown = _unknown_keys(config, base_config(), "config.")
+    if unknown:
+        raise ValueError(f"{unknown[0]} is not a known key (typo? see llmjax/config.py)")
+    for key in ("num_train_steps", "global_batch_size", "seq_len", "grad_accum_steps",
+                "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "max_to_keep"):
+        if int(config[key]) <= 0:
+            raise ValueError(f"config.{key}={config[key]} must be a positive integer")
+    if config.global_batch_size % config.grad_accum_steps:
+        raise ValueError(f"config.global_batch_size={config.global_batch_size} is not divisible "
+                         f"by config.grad_accum_steps={config.grad_accum_steps}")
+    opt = config.optimizer
+    if opt.schedule not in SCHEDULES:
+        raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: choose one of {SCHEDULES}")
+    if opt.name not in OPTIMIZERS:
+        raise ValueError(f"config.optimizer.name={opt.name!r}: choose one of {OPTIMIZERS}")
+    if opt.learning_rate < 0 or opt.warmup_steps < 0:
+        raise ValueError("config.optimizer.learning_rate and warmup_steps must be >= 0")
+    if not 0.0 <= config.data.eval_fraction < 1.0:
+        raise ValueError(f"config.data.eval_fraction={config.data.eval_fraction} must be in [0, 1)")
+    if not config.data.eval and config.data.eval_fraction == 0.0:
+        raise ValueError("config.data.eval is empty and config.data.eval_fraction is 0: "
+                         "give an eval source or hold out a fraction")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,52 @@
+"""Model families. A family is one file here plus an entry in FAMILIES."""
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+
+from llmjax.models.llama import Llama, LlamaConfig
+
+# family name -> (config dataclass, module class)
+FAMILIES = {"llama": (LlamaConfig, Llama)}
+
+
+def model_config(model_cfg: Any, vocab_size: int | None = None) -> LlamaConfig:
+    """The frozen model config from `config.model` (a ConfigDict or dict).
+
+    `vocab_size` fills `config.model.vocab_size` when that is 0 (take it from the tokenizer).
+    """
+    fields = dict(model_cfg)
+    family = fields.pop("family", "llama")
+    if family not in FAMILIES:
+        raise ValueError(f"config.model.family={family!r}: choose one of {sorted(FAMILIES)}")
+    config_cls, _ = FAMILIES[family]
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    for key in fields:
+        if key not in known:
+            raise ValueError(f"config.model.{key} is not a {family} setting; known: "
+                             f"{', '.join(sorted(known))}")
+    if not fields.get("vocab_size"):
+        if not vocab_size:
+            raise ValueError("config.model.vocab_size is 0 and no tokenizer gave a size")
+        fields["vocab_size"] = vocab_size
+    return config_cls(**fields)
+
+
+def build_model(cfg: LlamaConfig, seed: int) -> nnx.Module:
+    """A freshly initialised model (call under jax.jit / eval_shape to place or skip weights)."""
+    module_cls = next(m for c, m in FAMILIES.values() if isinstance(cfg, c))
+    return module_cls(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (matmul parameters) + attention scores and values.
+
+    The input embedding lookup is not a matmul and is left out; attention counts
+    the full (non-causal) score matrix, as in the PaLM MFU convention.
+    """
+    d, hd = cfg.embed_dim, cfg.head_dim
+    per_layer = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * cfg.mlp_dim
+    matmul_params = cfg.num_layers * per_layer + d * cfg.vocab_size  # + output head
+    attention = 12 * cfg.num_layers * seq_len * cfg.num_heads * hd
+    return 6 * matmul_params + attention

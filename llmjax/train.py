@@ -1,0 +1,199 @@
+"""Train a language model: python -m llmjax.train --config=configs/NAME.py [--workdir=DIR]
+
+Reads top to bottom: data -> model and sharded train state -> resume or init ->
+loop (step, log, evaluate, checkpoint) -> sample. Rerunning the same command in the
+same workdir resumes from the newest complete checkpoint.
+"""
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from llmjax import checkpoint, metrics, optim, sharding
+from llmjax.config import to_json, validate
+from llmjax.data import pipeline
+from llmjax.data.sources import read_documents
+from llmjax.data.tokenizer import Tokenizer, load_tokenizer
+from llmjax.generate import sample_tokens
+from llmjax.models import build_model, flops_per_token, model_config
+from llmjax.step import TrainState, jit_eval_step, jit_train_step
+
+
+@dataclasses.dataclass
+class Data:
+    tokenizer: Tokenizer
+    train_iter: Any  # grain iterator with get_state / set_state, yields process-local batches
+    eval_batches: list[dict[str, np.ndarray]]
+
+
+def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
+    """Documents -> tokenizer -> packed train stream and held-out eval batches."""
+    documents = read_documents(config.data.train)
+    if config.data.eval:
+        train_docs, eval_docs = documents, read_documents(config.data.eval)
+    else:
+        train_docs, eval_docs = pipeline.split_documents(
+            documents, config.data.eval_fraction, config.seed)
+    tokenizer = load_tokenizer(config.data.tokenizer, train_docs, workdir)
+    shares = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = pipeline.make_train_iterator(
+        tokenizer.encode_batch(train_docs), seq_len=config.seq_len,
+        global_batch_size=config.global_batch_size, seed=config.seed,
+        packing=config.data.packing, **shares)
+    eval_batches = pipeline.make_eval_batches(
+        tokenizer.encode_batch(eval_docs), seq_len=config.seq_len,
+        global_batch_size=config.global_batch_size, max_batches=config.eval_batches, **shares)
+    return Data(tokenizer, train_iter, eval_batches)
+
+
+def init_train_state(model_cfg, tx, seed: int) -> TrainState:
+    params = nnx.to_pure_dict(nnx.split(build_model(model_cfg, seed))[1])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_layout(model_cfg, tx, seed: int, mesh, rules) -> tuple[Any, TrainState, TrainState]:
+    """(graphdef, abstract train state, its shardings), without allocating any weights."""
+    abstract_model = jax.eval_shape(lambda: build_model(model_cfg, seed))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    abstract_state = jax.eval_shape(lambda: init_train_state(model_cfg, tx, seed))
+    params_shardings = sharding.param_shardings(abstract_params, mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = TrainState(
+        step=replicated, params=params_shardings,
+        opt_state=sharding.like_params(abstract_state.opt_state, abstract_state.params,
+                                       params_shardings, mesh))
+    return graphdef, abstract_state, shardings
+
+
+def evaluate(eval_step, params, batches, batch_sharding, global_batch_size) -> dict[str, float]:
+    loss_sum, tokens = 0.0, 0.0
+    for batch in batches:
+        out = eval_step(params, sharding.global_batch(batch, batch_sharding, global_batch_size))
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    loss = loss_sum / max(tokens, 1.0)
+    return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train per `config` in `workdir` (resuming if it holds a checkpoint).
+
+    Returns the last train and eval metrics, and the sample text if one was asked for.
+    """
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    data = build_data(config, workdir)
+    model_cfg = model_config(config.model, data.tokenizer.vocab_size)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_axis_rules(config.mesh.rules)
+    schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps)
+    tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
+    graphdef, abstract_state, state_shardings = state_layout(model_cfg, tx, config.seed,
+                                                             mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(to_json(config))
+    logging.info("model: %s parameters; mesh %s; rules %s", f"{num_params:,}",
+                 dict(mesh.shape), config.mesh.rules)
+
+    mngr = checkpoint.manager(workdir, max_to_keep=config.max_to_keep,
+                              async_save=config.async_checkpointing)
+    writer = metrics.create_writer(workdir, config.num_train_steps)
+    peak, peak_source = metrics.peak_flops_per_device(config.peak_flops_per_device)
+    throughput = metrics.Throughput(flops_per_token(model_cfg, config.seq_len), peak)
+    tokens_per_step = config.global_batch_size * config.seq_len
+    summary: dict[str, Any] = {"num_params": num_params}
+
+    with sharding.activate(mesh, rules):
+        latest = mngr.latest_step()
+        if latest is not None:
+            state, data_state = checkpoint.restore(mngr, latest, abstract_state, state_shardings)
+            data.train_iter.set_state(data_state)
+            print(f"Resumed from {mngr.directory}/{latest}", flush=True)
+        else:
+            init = jax.jit(lambda: init_train_state(model_cfg, tx, config.seed),
+                           out_shardings=state_shardings)
+            state = init()
+        train_step = jit_train_step(graphdef, tx, schedule,
+                                    grad_accum_steps=config.grad_accum_steps,
+                                    z_loss=config.z_loss, state_shardings=state_shardings,
+                                    batch_sharding=batch_sharding)
+        eval_step = jit_eval_step(graphdef, state_shardings.params, batch_sharding)
+        first_step = int(jax.device_get(state.step))
+        print(f"Training {num_params:,} parameters on {jax.device_count()} devices "
+              f"(mesh {dict(mesh.shape)}), steps {first_step}..{config.num_train_steps}; "
+              f"MFU peak: {peak / 1e9:,.0f} GFLOP/s per device ({peak_source})", flush=True)
+
+        throughput.reset(first_step)
+        compile_start = time.perf_counter()
+        for step in range(first_step + 1, config.num_train_steps + 1):
+            batch = sharding.global_batch(next(data.train_iter), batch_sharding,
+                                          config.global_batch_size)
+            state, train_metrics = train_step(state, batch)
+            if step == first_step + 1:
+                jax.block_until_ready(train_metrics)
+                compile_seconds = time.perf_counter() - compile_start
+                writer.write_scalars(step, {"train/first_step_seconds": compile_seconds})
+                throughput.reset(step)  # keep compilation out of tokens/s
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                scalars = metrics.to_floats(train_metrics, "train")
+                scalars.update(throughput.report(step, tokens_per_step))
+                writer.write_scalars(step, scalars)
+                summary.update(scalars)
+            if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+                eval_metrics = evaluate(eval_step, state.params, data.eval_batches,
+                                        batch_sharding, config.global_batch_size)
+                writer.write_scalars(step, eval_metrics)
+                summary.update(eval_metrics)
+                throughput.reset(step)  # keep evaluation out of tokens/s
+            if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+                checkpoint.save(mngr, step, state, data.train_iter.get_state(),
+                                config.to_dict())
+        mngr.wait_until_finished()
+
+        if config.sample.max_new_tokens > 0:
+            prompt = [data.tokenizer.bos_id] + data.tokenizer.encode(config.sample.prompt)
+            ids = sample_tokens(graphdef, state.params, prompt,
+                                max_new_tokens=config.sample.max_new_tokens,
+                                temperature=config.sample.temperature,
+                                top_k=config.sample.top_k, seed=config.seed)
+            summary["sample"] = data.tokenizer.decode(ids)
+            writer.write_texts(config.num_train_steps, {"sample": summary["sample"]})
+    writer.flush()
+    writer.close()
+    mngr.close()
+    return summary
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py[:ARG]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints and logs go (default: runs/NAME).")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if FLAGS.config is None:
+        sys.exit("error: give a config: --config=configs/shakespeare.py")
+    config = FLAGS.config
+    workdir = FLAGS.workdir or os.path.join("runs", config.name)
+    try:
+        train_and_evaluate(config, workdir)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,46 @@
+"""Every test sees 8 simulated CPU devices (set before JAX initialises)."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from llmjax.config import base_config  # noqa: E402
+
+
+def tiny_config(**overrides):
+    """A config small enough to train for a few steps in seconds on one CPU core."""
+    config = base_config()
+    config.name = "tiny"
+    config.num_train_steps = 8
+    config.global_batch_size = 8
+    config.seq_len = 32
+    config.log_every_steps = 1
+    config.eval_every_steps = 4
+    config.checkpoint_every_steps = 4
+    config.eval_batches = 2
+    config.data.tokenizer = "byte"
+    config.model.embed_dim = 32
+    config.model.num_layers = 2
+    config.model.num_heads = 4
+    config.model.num_kv_heads = 2
+    config.model.mlp_dim = 64
+    config.optimizer.learning_rate = 1e-2
+    config.optimizer.warmup_steps = 2
+    config.peak_flops_per_device = 1e9  # skip measuring the CPU in tests
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+@pytest.fixture
+def make_config():
+    return tiny_config
