@@ -131,6 +131,18 @@ class ConsoleWriter(JsonlWriter):
         self._file.flush()
 
 
+def drop_records_after(path: str, step: int) -> None:
+    """Remove metrics.jsonl records past `step`, so a resumed run does not log steps twice."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 def create_writer(workdir: str, num_train_steps: int) -> metric_writers.MetricWriter:
     """TensorBoard + metrics.jsonl + console on process 0; nothing on the others."""
     if jax.process_index() != 0:

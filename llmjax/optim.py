@@ -39,7 +39,7 @@ def learning_rate_schedule(opt_cfg: Any, num_train_steps: int) -> optax.Schedule
         w = max(warmup, 1)
 
         def decay(step):
-            return peak * jnp.sqrt(w / (step + w))
+            return peak * jnp.sqrt(w / (jnp.maximum(step, 0) + w))
     else:
         raise ValueError(f"config.optimizer.schedule={name!r}: choose one of {SCHEDULES}")
     if warmup == 0:

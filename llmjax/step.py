@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from llmjax import sharding
+from llmjax.models import build_model
 from llmjax.models.layers import constrain
 
 
@@ -21,6 +23,25 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any  # pure dict of arrays, merged with the model's graphdef inside the step
     opt_state: Any
+
+
+def init_train_state(model_cfg, tx, seed: int) -> TrainState:
+    params = nnx.to_pure_dict(nnx.split(build_model(model_cfg, seed))[1])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_layout(model_cfg, tx, seed: int, mesh, rules) -> tuple[Any, TrainState, TrainState]:
+    """(graphdef, abstract train state, its shardings), without allocating any weights."""
+    abstract_model = jax.eval_shape(lambda: build_model(model_cfg, seed))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    abstract_state = jax.eval_shape(lambda: init_train_state(model_cfg, tx, seed))
+    params_shardings = sharding.param_shardings(abstract_params, mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = TrainState(
+        step=replicated, params=params_shardings,
+        opt_state=sharding.like_params(abstract_state.opt_state, abstract_state.params,
+                                       params_shardings, mesh))
+    return graphdef, abstract_state, shardings
 
 
 def token_losses(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array],

@@ -12,11 +12,9 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
 from llmjax import checkpoint, metrics, optim, sharding
@@ -25,8 +23,8 @@ from llmjax.data import pipeline
 from llmjax.data.sources import read_documents
 from llmjax.data.tokenizer import Tokenizer, load_tokenizer
 from llmjax.generate import sample_tokens
-from llmjax.models import build_model, flops_per_token, model_config
-from llmjax.step import TrainState, jit_eval_step, jit_train_step
+from llmjax.models import flops_per_token, model_config
+from llmjax.step import init_train_state, jit_eval_step, jit_train_step, state_layout
 
 
 @dataclasses.dataclass
@@ -47,32 +45,13 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     tokenizer = load_tokenizer(config.data.tokenizer, train_docs, workdir)
     shares = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = pipeline.make_train_iterator(
-        tokenizer.encode_batch(train_docs), seq_len=config.seq_len,
+        pipeline.tokenize_documents(tokenizer, train_docs), seq_len=config.seq_len,
         global_batch_size=config.global_batch_size, seed=config.seed,
         packing=config.data.packing, **shares)
     eval_batches = pipeline.make_eval_batches(
-        tokenizer.encode_batch(eval_docs), seq_len=config.seq_len,
+        pipeline.tokenize_documents(tokenizer, eval_docs), seq_len=config.seq_len,
         global_batch_size=config.global_batch_size, max_batches=config.eval_batches, **shares)
     return Data(tokenizer, train_iter, eval_batches)
-
-
-def init_train_state(model_cfg, tx, seed: int) -> TrainState:
-    params = nnx.to_pure_dict(nnx.split(build_model(model_cfg, seed))[1])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-
-def state_layout(model_cfg, tx, seed: int, mesh, rules) -> tuple[Any, TrainState, TrainState]:
-    """(graphdef, abstract train state, its shardings), without allocating any weights."""
-    abstract_model = jax.eval_shape(lambda: build_model(model_cfg, seed))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    abstract_state = jax.eval_shape(lambda: init_train_state(model_cfg, tx, seed))
-    params_shardings = sharding.param_shardings(abstract_params, mesh, rules)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = TrainState(
-        step=replicated, params=params_shardings,
-        opt_state=sharding.like_params(abstract_state.opt_state, abstract_state.params,
-                                       params_shardings, mesh))
-    return graphdef, abstract_state, shardings
 
 
 def evaluate(eval_step, params, batches, batch_sharding, global_batch_size) -> dict[str, float]:
@@ -110,6 +89,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     mngr = checkpoint.manager(workdir, max_to_keep=config.max_to_keep,
                               async_save=config.async_checkpointing)
+    latest = mngr.latest_step()
+    if latest is not None and jax.process_index() == 0:
+        metrics.drop_records_after(os.path.join(workdir, "metrics.jsonl"), latest)
     writer = metrics.create_writer(workdir, config.num_train_steps)
     peak, peak_source = metrics.peak_flops_per_device(config.peak_flops_per_device)
     throughput = metrics.Throughput(flops_per_token(model_cfg, config.seq_len), peak)
@@ -117,7 +99,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     summary: dict[str, Any] = {"num_params": num_params}
 
     with sharding.activate(mesh, rules):
-        latest = mngr.latest_step()
         if latest is not None:
             state, data_state = checkpoint.restore(mngr, latest, abstract_state, state_shardings)
             data.train_iter.set_state(data_state)
@@ -185,9 +166,15 @@ flags.DEFINE_string("workdir", None, "Where checkpoints and logs go (default: ru
 
 def main(argv: list[str]) -> None:
     del argv
-    if FLAGS.config is None:
-        sys.exit("error: give a config: --config=configs/shakespeare.py")
-    config = FLAGS.config
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax, clu) drown the metrics
+    try:
+        config = FLAGS.config
+        if config is None:
+            sys.exit("error: give a config: --config=configs/shakespeare.py")
+        config.get("name")  # a config file that failed to load raises here
+    except OSError as e:
+        sys.exit(f"error: cannot load the config file: {str(e).splitlines()[-1].strip()}")
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
     try:
         train_and_evaluate(config, workdir)
@@ -195,5 +182,14 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {e}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a bad --config override reported in one line."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        detail = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").strip("'\"").split())
+        sys.exit(f"error: bad flag or --config override: {detail}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

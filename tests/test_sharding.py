@@ -4,16 +4,13 @@ the Llama 3 8B config's abstract state is fully sharded."""
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from llmjax import optim, sharding
 from llmjax.models import model_config
-from llmjax.step import jit_train_step
-from llmjax.train import init_train_state, state_layout
-
-from conftest import tiny_config
+from llmjax.step import init_train_state, jit_train_step, state_layout
 
 BATCH, LENGTH, STEPS = 16, 32, 4
 

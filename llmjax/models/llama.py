@@ -12,7 +12,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llmjax.models.layers import RMSNorm, apply_rope, attention, constrain, param, remat, rope_tables
+from llmjax.models.layers import (
+    RMSNorm,
+    apply_rope,
+    attention,
+    constrain,
+    param,
+    remat,
+    rope_tables,
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

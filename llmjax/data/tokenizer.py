@@ -1,0 +1,179 @@
+"""Tokenizers: one small interface over Hugging Face tokenizers and a built-in byte tokenizer.
+
+`load_tokenizer(spec, documents, workdir)` understands three specs (config key `data.tokenizer`):
+
+    DIR          a directory that `transformers.AutoTokenizer` loads (never downloaded)
+    bpe:N        a byte-level BPE with vocabulary N, trained on `documents` with the `tokenizers`
+                 library and saved to `{workdir}/tokenizer/`; a resumed run loads that directory
+                 instead of retraining, so token ids never change mid-run
+    byte         UTF-8 bytes, no training: ids 0/1/2 are pad/bos/eos, byte b is id b + 3
+"""
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import transformers
+from tokenizers import Tokenizer as _RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+# Our own tokenizers (bpe:, byte) put the special tokens first, with pad at 0: the batch
+# pipeline pads with zeros, so a padded position then also holds the pad id.
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+class Tokenizer:
+    """What the rest of llmjax sees of a tokenizer.
+
+    Attributes:
+      vocab_size: rows the model's embedding needs (every id produced is < vocab_size).
+      bos_id, eos_id, pad_id: ids of the special tokens.
+      hf_tokenizer: the underlying `transformers` tokenizer, for saving beside an exported
+        model; None for the byte tokenizer.
+    """
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    hf_tokenizer: transformers.PreTrainedTokenizerBase | None = None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` for many texts at once (in parallel where the backend can)."""
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of `ids` ([length] ints), leaving out special tokens."""
+        raise NotImplementedError
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as tokens: needs no training and no files, and never sees an unknown."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+    byte_offset = len(SPECIAL_TOKENS)
+    vocab_size = byte_offset + 256
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.byte_offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        data = bytes(int(i) - self.byte_offset for i in ids
+                     if self.byte_offset <= int(i) < self.vocab_size)
+        # A sampled sequence can stop inside a multi-byte character.
+        return data.decode("utf-8", errors="replace")
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A `transformers` tokenizer, encoding through its Rust backend when it has one."""
+
+    def __init__(self, hf_tokenizer: transformers.PreTrainedTokenizerBase, spec: str):
+        self.hf_tokenizer = hf_tokenizer
+        # len() counts added special tokens too; `.vocab_size` does not.
+        self.vocab_size = len(hf_tokenizer)
+        eos_id = hf_tokenizer.eos_token_id
+        if eos_id is None:
+            raise ValueError(f"data.tokenizer={spec!r} defines no eos token; documents need "
+                             "one to end them: use a tokenizer that has one, or bpe:N / byte")
+        self.eos_id = eos_id
+        # Some tokenizers (GPT-2, Qwen) have no separate bos or pad: the eos id serves.
+        bos_id, pad_id = hf_tokenizer.bos_token_id, hf_tokenizer.pad_token_id
+        self.bos_id = eos_id if bos_id is None else bos_id
+        self.pad_id = eos_id if pad_id is None else pad_id
+        self._backend: _RustTokenizer | None = getattr(hf_tokenizer, "backend_tokenizer", None)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf_tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self._backend is None:
+            return self.hf_tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        # encode_batch_fast skips computing character offsets, which we never use.
+        encodings = self._backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self.hf_tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(spec: str, documents: Sequence[str] | None = None,
+                   workdir: str | None = None) -> Tokenizer:
+    """The tokenizer named by `spec` (see the module docstring).
+
+    `documents` (the training text) and `workdir` are used by `bpe:N` only. Raises
+    ValueError naming `spec` if it is none of the three forms.
+    """
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec.startswith("bpe:"):
+        vocab_size = spec.removeprefix("bpe:")
+        if not vocab_size.isdigit() or int(vocab_size) <= 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"data.tokenizer={spec!r}: bpe:N needs an integer N > "
+                             f"{256 + len(SPECIAL_TOKENS)} (256 bytes + specials), e.g. bpe:4096")
+        if workdir is None:
+            raise ValueError(f"data.tokenizer={spec!r} needs a workdir to save the trained "
+                             "tokenizer in")
+        return _load_or_train_bpe(spec, int(vocab_size), documents, workdir)
+    if os.path.isdir(os.path.expanduser(spec)):
+        return _load_directory(spec, os.path.expanduser(spec))
+    raise ValueError(f"data.tokenizer={spec!r} is not a directory, 'bpe:VOCAB_SIZE' or 'byte'; "
+                     "give a local tokenizer directory (saved with save_pretrained) or one of "
+                     "those two")
+
+
+def train_bpe(documents: Sequence[str], vocab_size: int) -> _RustTokenizer:
+    """Trains a byte-level BPE (GPT-2 style pre-tokenization) with pad/bos/eos as ids 0/1/2."""
+    tokenizer = _RustTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        # All 256 bytes, seen or not, so any later text encodes without an unknown token.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer, length=len(documents))
+    return tokenizer
+
+
+def _load_or_train_bpe(spec: str, vocab_size: int, documents: Sequence[str] | None,
+                       workdir: str) -> Tokenizer:
+    directory = os.path.join(os.path.expanduser(workdir), TOKENIZER_SUBDIR)
+    if not os.path.isdir(directory):
+        if not documents:
+            raise ValueError(f"data.tokenizer={spec!r}: no documents to train on and no "
+                             f"saved tokenizer in {directory}")
+        hf_tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_bpe(documents, vocab_size),
+            bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+        # Save to a scratch directory and rename it into place, so a run killed mid-save
+        # never leaves a half-written tokenizer that the next run would take as complete.
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix=TOKENIZER_SUBDIR + ".", dir=os.path.dirname(directory))
+        hf_tokenizer.save_pretrained(scratch)
+        try:
+            os.rename(scratch, directory)
+        except OSError:
+            # Another process (same workdir, several hosts) got there first; use theirs.
+            shutil.rmtree(scratch, ignore_errors=True)
+    return _load_directory(spec, directory)
+
+
+def _load_directory(spec: str, directory: str) -> Tokenizer:
+    try:
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory,
+                                                                  local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"data.tokenizer={spec!r}: transformers cannot load a tokenizer from "
+                         f"{directory} ({str(e).splitlines()[0]}); point it at a directory "
+                         "written by save_pretrained") from None
+    return HuggingFaceTokenizer(hf_tokenizer, spec)

@@ -1,0 +1,310 @@
+"""llmjax.data: sources, tokenizers, packing, resumable and per-process batches."""
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import transformers
+
+from llmjax.data import pipeline, sources, tokenizer
+
+SHAKESPEARE_DIR = Path(sources.__file__).parent / "shakespeare"
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_bundled_shakespeare_is_one_document_per_scene():
+    documents = sources.read_documents("bundled:shakespeare")
+    plays = [p.read_text(encoding="utf-8") for p in sorted(SHAKESPEARE_DIR.glob("*.txt"))]
+    scene_lines = sum(line.startswith("SCENE") for p in plays for line in p.splitlines())
+    assert len(plays) == 8
+    assert len(documents) == scene_lines == 148
+    # Nothing lost or reordered: the scenes concatenate back to the plays.
+    assert "".join(documents) == "".join(plays)
+    assert 0.9e6 < sum(len(d.encode()) for d in documents) < 1.1e6
+    assert documents[0].startswith("A Midsummer Night's Dream\n\nACT I\n\nSCENE I.")
+    # A later act's heading opens its first scene instead of trailing the previous one.
+    assert documents[2].startswith("ACT II\n\nSCENE I.")
+    assert all(sum(line.startswith("SCENE") for line in d.splitlines()) == 1
+               for d in documents)
+
+
+def test_text_source_one_document_per_file_sorted_recursive(tmp_path):
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "a.txt").write_text("first\nline")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.txt").write_text("third ünïcode")
+    (tmp_path / "empty.txt").write_text("")
+    assert sources.read_documents(f"text:{tmp_path}/*.txt") == ["first\nline", "second"]
+    assert sources.read_documents(f"text:{tmp_path}/**/*.txt") == [
+        "first\nline", "second", "third ünïcode"]
+
+
+def test_jsonl_source_default_and_named_field(tmp_path):
+    lines = [{"text": "one", "body": "uno"}, {"text": "two", "body": "dos"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "three", "body": "tres"}))
+    assert sources.read_documents(f"jsonl:{tmp_path}/*.jsonl") == ["one", "two", "three"]
+    assert sources.read_documents(f"jsonl:{tmp_path}/*.jsonl#body") == ["uno", "dos", "tres"]
+
+
+@pytest.mark.parametrize("make_source, error", [
+    (lambda d: "shakespeare", ValueError),
+    (lambda d: "parquet:x", ValueError),
+    (lambda d: "bundled:lorem", ValueError),
+    (lambda d: "tfds:lm1b", ValueError),
+    (lambda d: f"text:{d}/nothing/*.txt", FileNotFoundError),
+    (lambda d: f"jsonl:{d}/rows.jsonl#title", ValueError),
+    (lambda d: f"text:{d}/blank.txt", ValueError),
+])
+def test_bad_sources_name_the_source_in_one_line(tmp_path, make_source, error):
+    (tmp_path / "rows.jsonl").write_text('{"text": "hi"}\n')
+    (tmp_path / "blank.txt").write_text("  \n")
+    source = make_source(tmp_path)
+    with pytest.raises(error) as info:
+        sources.read_documents(source)
+    message = str(info.value)
+    assert repr(source) in message and "\n" not in message
+
+
+# ---------------------------------------------------------------- tokenizers
+
+TEXT = "To be, or not to be: that is the question.\nNaïve café — ☃ 🎭"
+
+
+def test_byte_tokenizer_round_trips_and_reserves_special_ids():
+    tok = tokenizer.load_tokenizer("byte", None, None)
+    ids = tok.encode(TEXT)
+    assert len(ids) == len(TEXT.encode())
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 259)
+    assert min(ids) >= 3 and max(ids) < tok.vocab_size
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id]) == TEXT
+    assert tok.encode_batch([TEXT, "a"]) == [ids, [ord("a") + 3]]
+
+
+def test_bpe_trains_saves_loadable_dir_and_reuses_it(tmp_path):
+    documents = sources.read_documents("bundled:shakespeare")[:10]
+    tok = tokenizer.load_tokenizer("bpe:512", documents, str(tmp_path))
+    saved = tmp_path / "tokenizer"
+    hf = transformers.AutoTokenizer.from_pretrained(saved, local_files_only=True)
+    assert len(hf) == tok.vocab_size == 512
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
+    ids = tok.encode(TEXT)
+    assert hf.encode(TEXT, add_special_tokens=False) == ids
+    assert len(ids) < len(TEXT.encode())  # merges were learned
+    assert max(ids) < tok.vocab_size
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == TEXT
+    assert tok.encode_batch([TEXT, documents[0]]) == [ids, tok.encode(documents[0])]
+    # A resumed run loads the saved tokenizer: no documents needed, same ids, same file.
+    mtime = (saved / "tokenizer.json").stat().st_mtime_ns
+    again = tokenizer.load_tokenizer("bpe:512", None, str(tmp_path))
+    assert again.encode(TEXT) == ids
+    assert (saved / "tokenizer.json").stat().st_mtime_ns == mtime
+    # The saved directory is itself a valid spec.
+    assert tokenizer.load_tokenizer(str(saved), None, None).encode(TEXT) == ids
+
+
+def test_directory_tokenizer_without_bos_or_pad_uses_eos(tmp_path):
+    # Like GPT-2: one special token ends documents and also stands in for bos and pad.
+    raw = tokenizer.train_bpe(["a small corpus, a small corpus"], 300)
+    raw.add_special_tokens(["<|endoftext|>"])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
+    hf.save_pretrained(tmp_path / "gpt2like")
+    tok = tokenizer.load_tokenizer(str(tmp_path / "gpt2like"), None, None)
+    eos = raw.token_to_id("<|endoftext|>")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (eos, eos, eos)
+    assert tok.vocab_size == raw.get_vocab_size() and tok.decode(tok.encode("a small")) == "a small"
+
+
+@pytest.mark.parametrize("spec", ["bpe:abc", "bpe:100", "sentencepiece", "/no/such/dir"])
+def test_bad_tokenizer_spec_is_named(spec, tmp_path):
+    with pytest.raises(ValueError, match=repr(spec).replace("/", ".")):
+        tokenizer.load_tokenizer(spec, ["some text"], str(tmp_path))
+
+
+# ---------------------------------------------------------------- packing
+
+BOS, EOS = 1, 2
+
+
+def random_token_docs(num_docs, max_len, seed=0):
+    """[bos] + ids + [eos] documents with lengths from 1 to max_len ids."""
+    rng = np.random.default_rng(seed)
+    return [np.array([BOS, *rng.integers(3, 200, rng.integers(1, max_len + 1)), EOS], np.int32)
+            for _ in range(num_docs)]
+
+
+def document_pairs(token_docs):
+    return collections.Counter((int(a), int(b))
+                               for d in token_docs for a, b in zip(d[:-1], d[1:], strict=True))
+
+
+def batch_pairs(batches):
+    pairs = collections.Counter()
+    for b in batches:
+        keep = b["loss_mask"] == 1
+        pairs.update(zip(b["inputs"][keep].tolist(), b["targets"][keep].tolist(), strict=True))
+    return pairs
+
+
+def check_row_structure(batch, seq_len):
+    """Segments are contiguous runs numbered 1, 2, ... with positions 0, 1, ...; padding is 0."""
+    assert set(batch) == set(pipeline.BATCH_KEYS)
+    for key in pipeline.BATCH_KEYS:
+        assert batch[key].dtype == np.int32 and batch[key].shape[1] == seq_len
+    for row in range(len(batch["inputs"])):
+        seg, pos = batch["segment_ids"][row], batch["positions"][row]
+        inputs, targets = batch["inputs"][row], batch["targets"][row]
+        np.testing.assert_array_equal(batch["loss_mask"][row], seg > 0)
+        padding = seg == 0
+        assert not inputs[padding].any() and not targets[padding].any()
+        assert not pos[padding].any()
+        ids = seg[~padding]
+        # Segment ids count up from 1 and each segment is one contiguous run.
+        np.testing.assert_array_equal(np.unique(ids), np.arange(1, len(np.unique(ids)) + 1))
+        assert np.all(np.diff(ids) >= 0)
+        for s in np.unique(ids):
+            where = np.flatnonzero(seg == s)
+            assert np.all(np.diff(where) == 1)
+            np.testing.assert_array_equal(pos[where], np.arange(len(where)))
+            # Inside a segment, each target is the next input.
+            np.testing.assert_array_equal(targets[where[:-1]], inputs[where[1:]])
+            assert inputs[where[0]] == BOS or pos[where[0]] == 0
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "concat"])
+def test_packing_keeps_every_pair_of_one_epoch(packing):
+    seq_len = 16
+    docs = random_token_docs(60, max_len=40)  # many documents are longer than seq_len
+    iterator = pipeline.make_train_iterator(docs, seq_len=seq_len, global_batch_size=4, seed=3,
+                                            packing=packing, num_epochs=1)
+    batches = list(iterator)
+    for b in batches:
+        check_row_structure(b, seq_len)
+        assert b["inputs"].shape == (4, seq_len)
+    assert batch_pairs(batches) == document_pairs(docs)
+    # Each document is one segment per seq_len-piece: count segments.
+    pieces = sum(-(-(len(d) - 1) // seq_len) for d in docs)
+    segments = sum(len(np.unique(row[row > 0])) for b in batches for row in b["segment_ids"])
+    if packing == "first_fit":
+        assert segments == pieces
+    else:  # concat-then-split also cuts pieces at row ends
+        assert segments >= pieces
+        assert sum(int(b["loss_mask"].sum()) for b in batches) == sum(len(d) - 1 for d in docs)
+    assert sum(int(b["loss_mask"].sum()) for b in batches) == sum(len(d) - 1 for d in docs)
+
+
+def test_each_epoch_is_a_new_shuffle_of_all_documents():
+    seq_len, num_docs, batch_size = 8, 12, 4
+    # Every document is exactly one full row, so an epoch is exactly num_docs rows and
+    # the first input after bos names the document.
+    docs = [np.array([BOS, 100 + i, *[5] * (seq_len - 2), EOS], np.int32) for i in range(num_docs)]
+    iterator = pipeline.make_train_iterator(docs, seq_len=seq_len, global_batch_size=batch_size,
+                                            seed=0)
+    order = [int(x) - 100 for _ in range(3 * num_docs // batch_size)
+             for x in next(iterator)["inputs"][:, 1]]
+    epochs = [order[e * num_docs:(e + 1) * num_docs] for e in range(3)]
+    assert all(sorted(epoch) == list(range(num_docs)) for epoch in epochs)
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(num_docs))
+    other_seed = pipeline.make_train_iterator(docs, seq_len=seq_len, global_batch_size=batch_size,
+                                              seed=1)
+    assert [int(x) - 100 for x in next(other_seed)["inputs"][:, 1]] != epochs[0][:batch_size]
+
+
+# ---------------------------------------------------------------- resume and processes
+
+
+def assert_batches_equal(expected, actual):
+    assert len(expected) == len(actual)
+    for e, a in zip(expected, actual, strict=True):
+        assert e.keys() == a.keys()
+        for key in e:
+            np.testing.assert_array_equal(e[key], a[key])
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "concat"])
+def test_set_state_resumes_the_exact_stream(packing):
+    docs = random_token_docs(30, max_len=50, seed=1)
+    kwargs = dict(seq_len=16, global_batch_size=4, seed=7, packing=packing)
+    total_pairs = sum(len(d) - 1 for d in docs)
+    batches_per_epoch = total_pairs / (4 * 16)  # at least this many batches per epoch
+    assert 3 < batches_per_epoch < 20
+    reference = pipeline.make_train_iterator(docs, **kwargs)
+    stream = [next(reference) for _ in range(60)]  # more than two epochs
+    for k in (0, 1, 5, int(batches_per_epoch) + 1, 2 * int(batches_per_epoch) + 3):
+        original = pipeline.make_train_iterator(docs, **kwargs)
+        for _ in range(k):
+            next(original)
+        # The state survives a JSON round trip (it is saved with the checkpoint).
+        state = json.loads(json.dumps(original.get_state()))
+        resumed = pipeline.make_train_iterator(docs, **kwargs)
+        resumed.set_state(state)
+        assert_batches_equal(stream[k:k + 12], [next(resumed) for _ in range(12)])
+        assert_batches_equal(stream[k:k + 3], [next(original) for _ in range(3)])
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_shares_partition_the_global_batch(process_count):
+    docs = random_token_docs(40, max_len=30, seed=2)
+    kwargs = dict(seq_len=16, global_batch_size=8, seed=5)
+    whole = pipeline.make_train_iterator(docs, **kwargs)
+    shares = [pipeline.make_train_iterator(docs, process_index=i, process_count=process_count,
+                                           **kwargs)
+              for i in range(process_count)]
+    for _ in range(10):
+        expected = next(whole)
+        parts = [next(share) for share in shares]
+        assert all(p["inputs"].shape == (8 // process_count, 16) for p in parts)
+        for key in expected:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
+    # Every process walks the same global stream, so one saved state fits any process count.
+    assert all(share.get_state() == whole.get_state() for share in shares)
+    with pytest.raises(ValueError, match="global_batch_size=6"):
+        pipeline.make_train_iterator(docs, seq_len=16, global_batch_size=6, seed=0,
+                                     process_count=4)
+
+
+def test_eval_batches_are_fixed_shape_deterministic_and_complete():
+    docs = random_token_docs(9, max_len=30, seed=4)
+    kwargs = dict(seq_len=16, global_batch_size=4)
+    batches = pipeline.make_eval_batches(docs, max_batches=100, **kwargs)
+    assert_batches_equal(batches, pipeline.make_eval_batches(docs, max_batches=100, **kwargs))
+    for b in batches:
+        check_row_structure(b, 16)
+        assert b["inputs"].shape == (4, 16)
+    assert batch_pairs(batches) == document_pairs(docs)
+    assert len(pipeline.make_eval_batches(docs, max_batches=2, **kwargs)) == 2
+    # One short document still gives one full-shape batch, padded with empty rows.
+    [single] = pipeline.make_eval_batches([np.array([BOS, 7, 8, EOS])], max_batches=3, **kwargs)
+    assert single["inputs"].shape == (4, 16)
+    assert single["inputs"][0, :3].tolist() == [BOS, 7, 8]
+    assert single["loss_mask"][0].sum() == 3 and single["loss_mask"][1:].sum() == 0
+    halves = [pipeline.make_eval_batches(docs, max_batches=100, process_index=i,
+                                         process_count=2, **kwargs) for i in range(2)]
+    for whole, first, second in zip(batches, *halves, strict=True):
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), whole[key])
+
+
+def test_tokenize_documents_frames_each_document():
+    tok = tokenizer.load_tokenizer("byte", None, None)
+    framed = pipeline.tokenize_documents(tok, ["ab", "c"])
+    assert [d.tolist() for d in framed] == [[1, 97 + 3, 98 + 3, 2], [1, 99 + 3, 2]]
+    assert all(d.dtype == np.int32 for d in framed)
+
+
+def test_split_documents_is_deterministic_disjoint_and_complete():
+    documents = [f"doc {i}" for i in range(50)]
+    train, held_out = pipeline.split_documents(documents, 0.1, seed=0)
+    assert len(held_out) == 5 and len(train) == 45
+    assert set(train).isdisjoint(held_out) and set(train) | set(held_out) == set(documents)
+    assert pipeline.split_documents(documents, 0.1, seed=0) == (train, held_out)
+    assert pipeline.split_documents(documents, 0.1, seed=1)[1] != held_out
+    assert len(pipeline.split_documents(documents[:3], 0.01, seed=0)[1]) == 1
+    assert pipeline.split_documents(documents, 0.0, seed=0) == (documents, [])
+    with pytest.raises(ValueError):
+        pipeline.split_documents(documents[:1], 0.5, seed=0)
