@@ -11,10 +11,12 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def manager(workdir: str, *, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    local = "://" not in workdir  # gs:// and other object stores go to Orbax as they are
+    directory = epath.Path(os.path.abspath(workdir) if local else workdir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(directory, options=options,

@@ -4,7 +4,6 @@
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -12,69 +11,46 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers
+from etils import epath
 
-# Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` prefix.
-PEAK_FLOPS = {
-    "NVIDIA H200": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA L4": 121e12,
-    "NVIDIA B200": 2250e12,
-    "TPU v6": 918e12,  # Trillium (v6e)
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5": 459e12,
-    "TPU v4": 275e12,
-    "TPU v3": 123e12,
-}
+from llmjax import flops
 
-
-def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a float32 [size, size] matmul on the first CPU device, best of `repeats`."""
-    x = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda a: a @ a)
-    matmul(x).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matmul(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
-
-
-def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number comes from)."""
-    if override:
-        return float(override), "config.peak_flops_per_device"
-    device = jax.devices()[0]
-    for prefix, peak in PEAK_FLOPS.items():
-        if device.device_kind.startswith(prefix):
-            return peak, f"{device.device_kind} dense bf16 peak"
-    if device.platform == "cpu":
-        # Simulated CPU devices share the host's cores.
-        peak = measure_cpu_peak_flops() / jax.local_device_count()
-        return peak, "measured fp32 matmul on this CPU, shared by the local devices"
-    return math.nan, f"unknown peak for {device.device_kind}; set config.peak_flops_per_device"
+# Kept here under their old names; they live in llmjax.flops (no clu there, for llmjax.bench).
+PEAK_FLOPS = flops.PEAK_FLOPS
+measure_cpu_peak_flops = flops.measure_cpu_peak_flops
+peak_flops_per_device = flops.peak_flops_per_device
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """Appends scalars to `path` as one JSON object per line."""
+    """Appends scalars to `path` as one JSON object per line.
+
+    Object stores (gs://) cannot append, so there the whole file is rewritten per write.
+    """
 
     def __init__(self, path: str):
-        self._file = open(path, "a", encoding="utf-8")
+        self._path = epath.Path(path)
+        self._remote = "://" in path
+        if self._remote:
+            self._lines = self._path.read_text().splitlines(True) if self._path.exists() else []
+        else:
+            self._file = open(path, "a", encoding="utf-8")
+
+    def _append(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            self._path.write_text("".join(self._lines))
+        else:
+            self._file.write(line)
+            self._file.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-        record = {"step": int(step)}
-        record.update({k: float(v) for k, v in scalars.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._append({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
 
     def write_texts(self, step: int, texts: Mapping[str, str]):
-        self._file.write(json.dumps({"step": int(step), **texts}) + "\n")
-        self._file.flush()
+        self._append({"step": int(step), **texts})
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -95,17 +71,19 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
     def flush(self):
-        self._file.flush()
+        if not self._remote:
+            self._file.flush()
 
     def close(self):
-        self._file.close()
+        if not self._remote:
+            self._file.close()
 
 
 class ConsoleWriter(JsonlWriter):
     """One readable line per write on stdout, with steps/s and ETA for train metrics."""
 
     def __init__(self, num_train_steps: int):
-        self._file = sys.stdout
+        self._file, self._remote = sys.stdout, False
         self._num_train_steps = num_train_steps
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -133,14 +111,14 @@ class ConsoleWriter(JsonlWriter):
 
 def drop_records_after(path: str, step: int) -> None:
     """Remove metrics.jsonl records past `step`, so a resumed run does not log steps twice."""
-    if not os.path.exists(path):
+    path = epath.Path(path)
+    if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    kept = [line for line in path.read_text().splitlines(True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def create_writer(workdir: str, num_train_steps: int) -> metric_writers.MetricWriter:
@@ -170,6 +148,8 @@ class Throughput:
         now = time.perf_counter()
         seconds = max(now - self._last_time, 1e-9)
         steps = step - self._last_step
+        if steps <= 0:
+            return {}
         tokens_per_sec = steps * tokens_per_step / seconds
         self.reset(step)
         return {

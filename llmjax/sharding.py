@@ -143,10 +143,18 @@ def like_params(tree: Any, params: Any, params_shardings: Any, mesh: Mesh) -> An
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> NamedSharding:
-    """Sharding of a [batch, length] input array."""
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]],
+                   global_batch_size: int | None = None) -> NamedSharding:
+    """Sharding of a [batch, length] input array (checked against the batch size if given)."""
     spec = linen.logical_to_mesh_axes(("act_batch", None), rules)
-    return NamedSharding(mesh, spec)
+    sharding = NamedSharding(mesh, spec)
+    if global_batch_size is not None:
+        axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+        shards = math.prod(mesh.shape[a] for a in axes if a is not None)
+        if global_batch_size % shards:
+            raise ValueError(f"config.global_batch_size={global_batch_size} must be a multiple "
+                             f"of the {shards} batch shards of mesh {dict(mesh.shape)}")
+    return sharding
 
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding,

@@ -15,9 +15,11 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llmjax import checkpoint, metrics, optim, sharding
+from llmjax import checkpoint, distributed, fit, metrics, optim, sharding
 from llmjax.config import to_json, validate
 from llmjax.data import pipeline
 from llmjax.data.sources import read_documents
@@ -42,7 +44,12 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     else:
         train_docs, eval_docs = pipeline.split_documents(
             documents, config.data.eval_fraction, config.seed)
-    tokenizer = load_tokenizer(config.data.tokenizer, train_docs, workdir)
+    # Process 0 trains and saves a `bpe:` tokenizer; the others then load the same files.
+    if jax.process_index() == 0:
+        tokenizer = load_tokenizer(config.data.tokenizer, train_docs, workdir)
+    multihost_utils.sync_global_devices("tokenizer")
+    if jax.process_index() != 0:
+        tokenizer = load_tokenizer(config.data.tokenizer, train_docs, workdir)
     shares = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = pipeline.make_train_iterator(
         pipeline.tokenize_documents(tokenizer, train_docs), seq_len=config.seq_len,
@@ -70,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns the last train and eval metrics, and the sample text if one was asked for.
     """
     validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     data = build_data(config, workdir)
     model_cfg = model_config(config.model, data.tokenizer.vocab_size)
     mesh = sharding.make_mesh(config.mesh)
@@ -79,11 +86,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
     graphdef, abstract_state, state_shardings = state_layout(model_cfg, tx, config.seed,
                                                              mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules, config.global_batch_size)
     num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(to_json(config))
+        (epath.Path(workdir) / "config.json").write_text(to_json(config))
     logging.info("model: %s parameters; mesh %s; rules %s", f"{num_params:,}",
                  dict(mesh.shape), config.mesh.rules)
 
@@ -96,7 +102,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     peak, peak_source = metrics.peak_flops_per_device(config.peak_flops_per_device)
     throughput = metrics.Throughput(flops_per_token(model_cfg, config.seq_len), peak)
     tokens_per_step = config.global_batch_size * config.seq_len
-    summary: dict[str, Any] = {"num_params": num_params}
+    summary: dict[str, Any] = {"num_params": num_params, "preempted": False}
+    preemption = distributed.Preemption()
 
     with sharding.activate(mesh, rules):
         if latest is not None:
@@ -139,12 +146,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.write_scalars(step, eval_metrics)
                 summary.update(eval_metrics)
                 throughput.reset(step)  # keep evaluation out of tokens/s
-            if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+            preempted = preemption.should_stop(step)
+            if (step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
+                    or preempted):
                 checkpoint.save(mngr, step, state, data.train_iter.get_state(),
                                 config.to_dict())
+            if preempted:
+                print(f"Preempted: saved step {step}; rerun the command to resume", flush=True)
+                summary["preempted"] = True
+                break
         mngr.wait_until_finished()
 
-        if config.sample.max_new_tokens > 0:
+        if config.sample.max_new_tokens > 0 and not summary["preempted"]:
             prompt = [data.tokenizer.bos_id] + data.tokenizer.encode(config.sample.prompt)
             ids = sample_tokens(graphdef, state.params, prompt,
                                 max_new_tokens=config.sample.max_new_tokens,
@@ -162,6 +175,14 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py[:ARG]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints and logs go (default: runs/NAME).")
+flags.DEFINE_bool("compile_only", False, "Fit check: compile the train step for the configured "
+                  "mesh and print per-device memory and FLOPs; allocate nothing, train nothing.")
+flags.DEFINE_integer("num_devices", 0, "With --compile_only: simulate this many CPU devices "
+                     "(e.g. 64 for a v5p-128 slice).")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process "
+                    "runs outside TPU pods and Slurm (which need nothing).")
+flags.DEFINE_integer("num_processes", 0, "With --coordinator_address: number of processes.")
+flags.DEFINE_integer("process_id", -1, "With --coordinator_address: this process's index.")
 
 
 def main(argv: list[str]) -> None:
@@ -177,6 +198,15 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: cannot load the config file: {str(e).splitlines()[-1].strip()}")
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
     try:
+        if FLAGS.compile_only:
+            if FLAGS.num_devices:
+                jax.config.update("jax_platforms", "cpu")
+                jax.config.update("jax_num_cpu_devices", FLAGS.num_devices)
+            validate(config)
+            print(fit.format_report(config, fit.fit_check(config)), flush=True)
+            return
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
         train_and_evaluate(config, workdir)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -59,12 +59,16 @@ def single_device():
 
 @pytest.mark.parametrize("mesh_axes", [dict(data=8, fsdp=1, tensor=1),
                                        dict(data=2, fsdp=4, tensor=1),
-                                       dict(data=1, fsdp=2, tensor=4)],
-                         ids=["data8", "data2_fsdp4", "fsdp2_tensor4"])
+                                       dict(data=1, fsdp=2, tensor=4),
+                                       dict(data=2, fsdp=1, tensor=4, rules="tp"),
+                                       dict(data=8, fsdp=1, tensor=1, rules="dp")],
+                         ids=["data8", "data2_fsdp4", "fsdp2_tensor4", "tp", "dp"])
 def test_mesh_gives_single_device_losses(single_device, mesh_axes):
     assert len(jax.devices()) == 8
     reference, reference_state = single_device
-    losses, state = train_losses(mesh_axes, jax.devices())
+    mesh_axes = dict(mesh_axes)
+    rules = mesh_axes.pop("rules", "fsdp+tp")
+    losses, state = train_losses(mesh_axes, jax.devices(), rules=rules)
     assert reference[-1] < reference[0]  # it trains
     np.testing.assert_allclose(losses, reference, atol=1e-5, rtol=0)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference_state.params)):

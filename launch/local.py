@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Run llmjax.train as several processes on this machine, the way a pod runs it.
+
+    python launch/local.py --num_processes=2 --devices_per_process=4 -- \
+        --config=configs/shakespeare.py --workdir=runs/two_processes
+
+Each process gets the coordinator address, the process count and its id (through
+LLMJAX_* variables read by llmjax.distributed), and on CPU its own simulated devices.
+Output lines are prefixed with [pN]. If one process fails, the others are stopped.
+`--dry-run` prints the exact commands instead of running them.
+"""
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def commands(args, train_args: list[str]) -> list[tuple[dict[str, str], list[str]]]:
+    """(extra environment, argv) for each process."""
+    port = args.port or free_port()
+    out = []
+    for pid in range(args.num_processes):
+        env = {"LLMJAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+               "LLMJAX_NUM_PROCESSES": str(args.num_processes),
+               "LLMJAX_PROCESS_ID": str(pid)}
+        if args.devices_per_process:
+            env["JAX_PLATFORMS"] = "cpu"
+            env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count="
+                                f"{args.devices_per_process}")
+        out.append((env, [args.python, "-m", "llmjax.train", *train_args]))
+    return out
+
+
+def stream(prefix: str, pipe, sink) -> None:
+    for line in pipe:
+        sink.write(f"[{prefix}] {line}")
+        sink.flush()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_processes", type=int, default=2)
+    parser.add_argument("--devices_per_process", type=int, default=0,
+                        help="simulate this many CPU devices per process (0: real devices)")
+    parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args, train_args = parser.parse_known_args(argv)
+    train_args = [a for a in train_args if a != "--"]
+    plan = commands(args, train_args)
+    if args.dry_run:
+        for env, cmd in plan:
+            print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd))
+        return 0
+
+    procs, threads = [], []
+    for pid, (env, cmd) in enumerate(plan):
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        procs.append(proc)
+        thread = threading.Thread(target=stream, args=(f"p{pid}", proc.stdout, sys.stdout))
+        thread.start()
+        threads.append(thread)
+
+    def forward(signum, frame):  # a SIGTERM to the launcher reaches every process
+        for proc in procs:
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    returncode = 0
+    remaining = set(range(len(procs)))
+    while remaining:
+        for i in list(remaining):
+            try:
+                code = procs[i].wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
+            remaining.discard(i)
+            if code != 0 and returncode == 0:
+                returncode = code
+                print(f"[launcher] process {i} exited with {code}; stopping the others",
+                      flush=True)
+                for j in remaining:
+                    procs[j].terminate()
+    for thread in threads:
+        thread.join()
+    return returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
