@@ -15,13 +15,6 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
-from llmjax import flops
-
-# Kept here under their old names; they live in llmjax.flops (no clu there, for llmjax.bench).
-PEAK_FLOPS = flops.PEAK_FLOPS
-measure_cpu_peak_flops = flops.measure_cpu_peak_flops
-peak_flops_per_device = flops.peak_flops_per_device
-
 
 class JsonlWriter(metric_writers.MetricWriter):
     """Appends scalars to `path` as one JSON object per line.

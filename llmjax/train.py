@@ -19,7 +19,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llmjax import checkpoint, distributed, fit, metrics, optim, sharding
+from llmjax import checkpoint, distributed, fit, flops, metrics, optim, sharding
 from llmjax.config import to_json, validate
 from llmjax.data import pipeline
 from llmjax.data.sources import read_documents
@@ -99,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if latest is not None and jax.process_index() == 0:
         metrics.drop_records_after(os.path.join(workdir, "metrics.jsonl"), latest)
     writer = metrics.create_writer(workdir, config.num_train_steps)
-    peak, peak_source = metrics.peak_flops_per_device(config.peak_flops_per_device)
+    peak, peak_source = flops.peak_flops_per_device(config.peak_flops_per_device)
     throughput = metrics.Throughput(flops_per_token(model_cfg, config.seq_len), peak)
     tokens_per_step = config.global_batch_size * config.seq_len
     summary: dict[str, Any] = {"num_params": num_params, "preempted": False}
