@@ -8,7 +8,8 @@ import optax
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd", "rsqrt")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
-# Parameters whose name is one of these get no weight decay (norm scales, biases).
+# Parameters whose name is one of these, or ends in "_bias" (q_bias, up_bias, ...), get no
+# weight decay (norm scales, biases).
 NO_DECAY_NAMES = ("scale", "bias")
 
 
@@ -50,8 +51,8 @@ def learning_rate_schedule(opt_cfg: Any, num_train_steps: int) -> optax.Schedule
 def decay_mask(params: Any) -> Any:
     """True for parameters that get weight decay: everything but norm scales and biases."""
     def one(path, _):
-        last = path[-1]
-        return str(getattr(last, "key", last)) not in NO_DECAY_NAMES
+        name = str(getattr(path[-1], "key", path[-1]))
+        return name not in NO_DECAY_NAMES and not name.endswith("_bias")
     return jax.tree_util.tree_map_with_path(one, params)
 
 

@@ -42,7 +42,8 @@ def test_unknown_schedule_names_the_key():
 
 def test_weight_decay_skips_norms_and_biases():
     params = {"embed": np.zeros((4, 2)), "blocks": {"attn_norm": {"scale": np.zeros(2)},
-                                                    "q": np.zeros((2, 2)), "bias": np.zeros(2)}}
+                                                    "q": np.zeros((2, 2)), "bias": np.zeros(2),
+                                                    "q_bias": np.zeros(2)}}
     mask = decay_mask(params)
     assert mask == {"embed": True, "blocks": {"attn_norm": {"scale": False}, "q": True,
-                                              "bias": False}}
+                                              "bias": False, "q_bias": False}}

@@ -5,13 +5,26 @@ from typing import Any
 
 from flax import nnx
 
+from llmjax.models.bert import Bert, BertConfig
+from llmjax.models.gpt2 import GPT2, GPT2Config
 from llmjax.models.llama import Llama, LlamaConfig
 
 # family name -> (config dataclass, module class)
-FAMILIES = {"llama": (LlamaConfig, Llama)}
+FAMILIES = {
+    "llama": (LlamaConfig, Llama),  # also Mistral and Qwen2 (see llama.py)
+    "gpt2": (GPT2Config, GPT2),
+    "bert": (BertConfig, Bert),  # encoder + classifier: logits [batch, num_labels]
+}
+ModelConfig = LlamaConfig | GPT2Config | BertConfig
+DECODERS = ("llama", "gpt2")  # the families llmjax.train trains: next-token logits
 
 
-def model_config(model_cfg: Any, vocab_size: int | None = None) -> LlamaConfig:
+def family_of(cfg: ModelConfig) -> str:
+    """The FAMILIES name of a model config."""
+    return next(name for name, (c, _) in FAMILIES.items() if isinstance(cfg, c))
+
+
+def model_config(model_cfg: Any, vocab_size: int | None = None) -> ModelConfig:
     """The frozen model config from `config.model` (a ConfigDict or dict).
 
     `vocab_size` fills `config.model.vocab_size` when that is 0 (take it from the tokenizer).
@@ -33,20 +46,23 @@ def model_config(model_cfg: Any, vocab_size: int | None = None) -> LlamaConfig:
     return config_cls(**fields)
 
 
-def build_model(cfg: LlamaConfig, seed: int) -> nnx.Module:
+def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
     """A freshly initialised model (call under jax.jit / eval_shape to place or skip weights)."""
-    module_cls = next(m for c, m in FAMILIES.values() if isinstance(cfg, c))
+    _, module_cls = FAMILIES[family_of(cfg)]
     return module_cls(cfg, rngs=nnx.Rngs(params=seed))
 
 
-def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (matmul parameters) + attention scores and values.
 
     The input embedding lookup is not a matmul and is left out; attention counts
-    the full (non-causal) score matrix, as in the PaLM MFU convention.
+    the full (non-causal) score matrix, as in the PaLM MFU convention. Decoders add
+    their output head; BERT's pooler and classifier run once per sequence, not per token.
     """
     d, hd = cfg.embed_dim, cfg.head_dim
-    per_layer = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * cfg.mlp_dim
-    matmul_params = cfg.num_layers * per_layer + d * cfg.vocab_size  # + output head
+    per_layer = (d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+                 + cfg.mlp_matrices * d * cfg.mlp_dim)
+    head = 0 if isinstance(cfg, BertConfig) else d * cfg.vocab_size
+    matmul_params = cfg.num_layers * per_layer + head
     attention = 12 * cfg.num_layers * seq_len * cfg.num_heads * hd
     return 6 * matmul_params + attention

@@ -1,18 +1,22 @@
 """Layers shared by the model families: parameters with logical axes, norms, RoPE, attention.
 
 Every parameter is created through `param`, which records its logical axis names
-(`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`, plus `layers` for
-stacked blocks). `llmjax.sharding` maps those names to mesh axes; the model itself
-knows nothing about meshes.
+(`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`, `positions`,
+`labels`, plus `layers` for stacked blocks). `llmjax.sharding` maps those names to mesh
+axes; the model itself knows nothing about meshes. Bias parameters are named `bias` or
+`*_bias`, which is how the optimizer leaves them out of weight decay.
 """
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen, nnx
 
 Initializer = Callable[..., jax.Array]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str],
@@ -44,13 +48,50 @@ class RMSNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+class LayerNorm(nnx.Module):
+    """(x - mean) / std * scale + bias, computed in float32, returned in the input dtype."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """The [head_dim / 2] float32 inverse frequencies of rotary embeddings."""
+    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+
+
+def llama3_rope_scaling(inv_freq: np.ndarray, *, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_max_positions: int) -> np.ndarray:
+    """Llama 3.1's long-context RoPE: long wavelengths slowed down by `factor`, short ones
+    kept, and a smooth blend between `original_max_positions / low_freq_factor` and
+    `original_max_positions / high_freq_factor`."""
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original_max_positions / wavelength - low_freq_factor) / (
+        high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = np.where(wavelength > original_max_positions / low_freq_factor,
+                      inv_freq / factor, blended)
+    scaled = np.where(wavelength < original_max_positions / high_freq_factor, inv_freq, scaled)
+    return scaled.astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
     """cos, sin for rotary embeddings, each [batch, length, 1, head_dim] in float32.
 
+    `inv_freq` [head_dim / 2] from `rope_frequencies` (and maybe `llama3_rope_scaling`).
     Rotate-half layout (the first half of each head pairs with the second half), as in
     Hugging Face Llama, so imported weights need no permutation.
     """
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     return jnp.cos(angles), jnp.sin(angles)
@@ -65,19 +106,84 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-              implementation: str | None) -> jax.Array:
-    """Causal grouped-query attention.
+              implementation: str | None, *, causal: bool = True,
+              sliding_window: int = 0) -> jax.Array:
+    """Grouped-query attention, causal unless `causal=False` (encoders).
 
     q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim]
     (heads a multiple of kv_heads). Tokens attend only within their own segment when
-    `segment_ids` [batch, length] is given. Returns [batch, length, heads, head_dim].
+    `segment_ids` [batch, length] is given (an encoder's padding: segment 0).
+    `sliding_window` > 0: a query sees itself and the `sliding_window - 1` tokens before
+    it (Mistral). Returns [batch, length, heads, head_dim].
     `implementation`: None (let JAX choose), "xla" or "cudnn".
     """
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+    window = (sliding_window - 1, 0) if sliding_window > 0 else None
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                        local_window_size=window,
                                         implementation=implementation)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Attention with biased q/k/v/o projections and no RoPE (GPT-2, BERT).
+
+    Parameters: q, k, v [embed, heads, head_dim] with q_bias, k_bias, v_bias
+    [heads, head_dim]; o [heads, head_dim, embed] with o_bias [embed].
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, causal: bool, init_std: float,
+                 param_dtype: jnp.dtype, dtype: jnp.dtype, implementation: str | None,
+                 rngs: nnx.Rngs):
+        init, zeros = nnx.initializers.normal(init_std), nnx.initializers.zeros
+        d, h, hd = embed_dim, num_heads, embed_dim // num_heads
+        for name in ("q", "k", "v"):
+            setattr(self, name, param(rngs, init, (d, h, hd), ("embed", "heads", "head_dim"),
+                                      param_dtype))
+            setattr(self, f"{name}_bias", param(rngs, zeros, (h, hd), ("heads", "head_dim"),
+                                                param_dtype))
+        self.o = param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"), param_dtype)
+        self.o_bias = param(rngs, zeros, (d,), ("embed",), param_dtype)
+        self.causal, self.dtype, self.impl = causal, dtype, implementation
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        """x [batch, length, embed] -> [batch, length, embed]."""
+        dt = self.dtype
+
+        def project(w, b):
+            return jnp.einsum("bld,dhk->blhk", x, w[...].astype(dt)) + b[...].astype(dt)
+
+        q = project(self.q, self.q_bias)
+        q = constrain(q, ("act_batch", "act_length", "act_heads", None))
+        k, v = project(self.k, self.k_bias), project(self.v, self.v_bias)
+        out = attention(q, k, v, segment_ids, self.impl, causal=self.causal)
+        return (jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(dt))
+                + self.o_bias[...].astype(dt))
+
+
+GELU_APPROXIMATE = {"gelu": False, "gelu_tanh": True}  # exact erf (BERT) | tanh (GPT-2)
+
+
+class GeluMLP(nnx.Module):
+    """down(gelu(up(x) + up_bias)) + down_bias: the two-matrix MLP of GPT-2 and BERT."""
+
+    def __init__(self, embed_dim: int, mlp_dim: int, *, activation: str, init_std: float,
+                 param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs):
+        init, zeros = nnx.initializers.normal(init_std), nnx.initializers.zeros
+        self.up = param(rngs, init, (embed_dim, mlp_dim), ("embed", "mlp"), param_dtype)
+        self.up_bias = param(rngs, zeros, (mlp_dim,), ("mlp",), param_dtype)
+        self.down = param(rngs, init, (mlp_dim, embed_dim), ("mlp", "embed"), param_dtype)
+        self.down_bias = param(rngs, zeros, (embed_dim,), ("embed",), param_dtype)
+        self.approximate = GELU_APPROXIMATE[activation]
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        hidden = x @ self.up[...].astype(dt) + self.up_bias[...].astype(dt)
+        hidden = jax.nn.gelu(hidden, approximate=self.approximate)
+        hidden = constrain(hidden, ("act_batch", "act_length", "act_mlp"))
+        return hidden @ self.down[...].astype(dt) + self.down_bias[...].astype(dt)
 
 
 REMAT_POLICIES = {
@@ -96,3 +202,27 @@ def remat(fn: Callable, policy: str) -> Callable:
     if policy == "none":
         return fn
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+
+
+def run_blocks(blocks: nnx.Module, x: jax.Array, *args, scan_layers: bool,
+               remat_policy: str) -> jax.Array:
+    """x through a stack of blocks made with nnx.vmap (parameters on a leading `layers`
+    axis): `block(x, *args)` for each layer, under jax.lax.scan or unrolled."""
+    block_graph, block_state = nnx.split(blocks)
+
+    def run_block(x, layer_state):
+        return nnx.merge(block_graph, layer_state)(x, *args), None
+
+    run_block = remat(run_block, remat_policy)
+    if scan_layers:
+        return jax.lax.scan(run_block, x, block_state)[0]
+    num_layers = jax.tree.leaves(block_state)[0].shape[0]
+    for i in range(num_layers):
+        x, _ = run_block(x, jax.tree.map(lambda a, i=i: a[i], block_state))
+    return x
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """ValueError naming config.model.`name` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"config.model.{name}={value!r}: choose one of {sorted(choices)}")

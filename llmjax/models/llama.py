@@ -4,25 +4,31 @@ Read top to bottom: `LlamaConfig` (the numbers), `Attention`, `MLP`, `Block` (on
 pre-norm residual layer), `Llama` (embeddings, a stack of blocks, final norm, head).
 Blocks are created stacked along a leading `layers` axis, so the same parameters run
 under `jax.lax.scan` (fast compile) or unrolled (`scan_layers=False`).
+
+The same file covers Llama 2 and 3 (`rope_scaling="llama3"` for 3.1+ long context),
+Mistral (`sliding_window`) and Qwen2 (`qkv_bias`).
 """
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from llmjax.models.layers import (
+    DTYPES,
     RMSNorm,
     apply_rope,
     attention,
+    check_choice,
     constrain,
+    llama3_rope_scaling,
     param,
-    remat,
+    rope_frequencies,
     rope_tables,
+    run_blocks,
 )
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +41,14 @@ class LlamaConfig:
     mlp_dim: int
     head_dim: int = 0  # 0: embed_dim // num_heads
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | llama3 (Llama 3.1+: the four rope_* fields below)
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    sliding_window: int = 0  # > 0: attend to at most this many tokens (Mistral); 0: all
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    max_positions: int = 0  # context length it was trained for (kept for HF export); 0: unset
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -43,6 +57,8 @@ class LlamaConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "auto"  # auto | xla | cudnn
+
+    mlp_matrices: ClassVar[int] = 3  # gate, up, down (for llmjax.models.flops_per_token)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -57,12 +73,22 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"config.model head_dim={self.head_dim} must be even for RoPE")
         for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"config.model.{name}={getattr(self, name)!r}: choose one of "
-                                 f"{sorted(DTYPES)}")
-        if self.attention_impl not in ("auto", "xla", "cudnn"):
-            raise ValueError(f"config.model.attention_impl={self.attention_impl!r}: choose "
-                             "auto, xla or cudnn")
+            check_choice(name, getattr(self, name), DTYPES)
+        check_choice("attention_impl", self.attention_impl, ("auto", "xla", "cudnn"))
+        check_choice("rope_scaling", self.rope_scaling, ("none", "llama3"))
+        if self.sliding_window < 0:
+            raise ValueError(f"config.model.sliding_window={self.sliding_window} must be >= 0")
+
+    def rope_frequencies(self):
+        """[head_dim / 2] float32 inverse frequencies, scaled as `rope_scaling` says."""
+        inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
+        if self.rope_scaling == "llama3":
+            inv_freq = llama3_rope_scaling(
+                inv_freq, factor=self.rope_scaling_factor,
+                low_freq_factor=self.rope_low_freq_factor,
+                high_freq_factor=self.rope_high_freq_factor,
+                original_max_positions=self.rope_original_max_positions)
+        return inv_freq
 
 
 class Attention(nnx.Module):
@@ -74,6 +100,13 @@ class Attention(nnx.Module):
         self.k = param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
         self.v = param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
         self.o = param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"), pdt)
+        if cfg.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.q_bias = param(rngs, zeros, (h, hd), ("heads", "head_dim"), pdt)
+            self.k_bias = param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"), pdt)
+            self.v_bias = param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"), pdt)
+        self.qkv_bias = cfg.qkv_bias
+        self.sliding_window = cfg.sliding_window
         self.dtype = DTYPES[cfg.dtype]
         self.impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
 
@@ -83,9 +116,13 @@ class Attention(nnx.Module):
         q = jnp.einsum("bld,dhk->blhk", x, self.q[...].astype(dt))
         k = jnp.einsum("bld,dhk->blhk", x, self.k[...].astype(dt))
         v = jnp.einsum("bld,dhk->blhk", x, self.v[...].astype(dt))
+        if self.qkv_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
         q = constrain(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
         k = apply_rope(k, cos, sin)
-        out = attention(q, k, v, segment_ids, self.impl)
+        out = attention(q, k, v, segment_ids, self.impl, sliding_window=self.sliding_window)
         return jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(dt))
 
 
@@ -154,20 +191,9 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-
-        block_graph, block_state = nnx.split(self.blocks)
-
-        def run_block(x, layer_state):
-            return nnx.merge(block_graph, layer_state)(x, cos, sin, segment_ids), None
-
-        run_block = remat(run_block, cfg.remat_policy)
-        if cfg.scan_layers:
-            x, _ = jax.lax.scan(run_block, x, block_state)
-        else:
-            for i in range(cfg.num_layers):
-                x, _ = run_block(x, jax.tree.map(lambda a, i=i: a[i], block_state))
-
+        cos, sin = rope_tables(positions, cfg.rope_frequencies())
+        x = run_blocks(self.blocks, x, cos, sin, segment_ids, scan_layers=cfg.scan_layers,
+                       remat_policy=cfg.remat_policy)
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("bld,dv->blv", x, head.astype(dt))

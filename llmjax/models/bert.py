@@ -1,0 +1,142 @@
+"""A BERT-style encoder with a pooler and a sequence-classification head, in Flax NNX.
+
+Read top to bottom: `BertConfig`, `Block` (post-norm: ln(x + attn(x)), then
+ln(x + mlp(x))) and `Bert` (token + position + token-type embeddings and a LayerNorm,
+the stacked blocks, then tanh(dense) of the first token and a linear classifier).
+Attention is bidirectional; padding is segment 0 of `segment_ids`, so a Hugging Face
+`attention_mask` can be passed as it is.
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmjax.models.layers import (
+    DTYPES,
+    GELU_APPROXIMATE,
+    GeluMLP,
+    LayerNorm,
+    MultiHeadAttention,
+    check_choice,
+    constrain,
+    param,
+    run_blocks,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    num_labels: int = 2
+    max_positions: int = 512
+    type_vocab_size: int = 2  # token types (sentence A / B)
+    norm_eps: float = 1e-12
+    activation: str = "gelu"  # gelu (exact) | gelu_tanh
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "auto"  # auto | xla | cudnn
+
+    mlp_matrices: ClassVar[int] = 2  # up, down (for llmjax.models.flops_per_token)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "mlp_dim",
+                     "num_labels", "max_positions", "type_vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config.model.{name}={getattr(self, name)} must be positive")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"config.model.embed_dim={self.embed_dim} must be a multiple of "
+                             f"config.model.num_heads={self.num_heads}")
+        for name in ("param_dtype", "dtype"):
+            check_choice(name, getattr(self, name), DTYPES)
+        check_choice("activation", self.activation, GELU_APPROXIMATE)
+        check_choice("attention_impl", self.attention_impl, ("auto", "xla", "cudnn"))
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
+
+class Block(nnx.Module):
+    """Post-norm residual layer: ln(x + attn(x)), then ln(x + mlp(x))."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        pdt, dt = DTYPES[cfg.param_dtype], DTYPES[cfg.dtype]
+        self.attn = MultiHeadAttention(
+            cfg.embed_dim, cfg.num_heads, causal=False, init_std=cfg.init_std, param_dtype=pdt,
+            dtype=dt, implementation=None if cfg.attention_impl == "auto" else cfg.attention_impl,
+            rngs=rngs)
+        self.attn_norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.mlp = GeluMLP(cfg.embed_dim, cfg.mlp_dim, activation=cfg.activation,
+                           init_std=cfg.init_std, param_dtype=pdt, dtype=dt, rngs=rngs)
+        self.mlp_norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x, segment_ids):
+        x = self.attn_norm(x + self.attn(x, segment_ids))
+        x = self.mlp_norm(x + self.mlp(x))
+        return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+class Bert(nnx.Module):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = DTYPES[cfg.param_dtype]
+        init, zeros = nnx.initializers.normal(cfg.init_std), nnx.initializers.zeros
+        d = cfg.embed_dim
+        self.embed = param(rngs, init, (cfg.vocab_size, d), ("vocab", "embed"), pdt)
+        self.pos_embed = param(rngs, init, (cfg.max_positions, d), ("positions", "embed"), pdt)
+        self.type_embed = param(rngs, init, (cfg.type_vocab_size, d), ("types", "embed"), pdt)
+        self.embed_norm = LayerNorm(d, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.pooler = param(rngs, init, (d, d), ("embed", "pooled"), pdt)
+        self.pooler_bias = param(rngs, zeros, (d,), ("pooled",), pdt)
+        self.classifier = param(rngs, init, (d, cfg.num_labels), ("embed", "labels"), pdt)
+        self.classifier_bias = param(rngs, zeros, (cfg.num_labels,), ("labels",), pdt)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [batch, length] int -> class logits [batch, num_labels] float32.
+
+        One sequence per row, pooled at its first token ([CLS]). segment_ids
+        [batch, length]: 0 marks padding (a Hugging Face attention_mask works as is);
+        positions default to 0..length-1; token_type_ids default to 0.
+        """
+        cfg = self.cfg
+        dt = DTYPES[cfg.dtype]
+        if tokens.shape[1] > cfg.max_positions:
+            raise ValueError(f"sequences of {tokens.shape[1]} tokens are longer than BERT's "
+                             f"config.model.max_positions={cfg.max_positions}")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(tokens)
+        x = (jnp.take(self.embed[...], tokens, axis=0)
+             + jnp.take(self.pos_embed[...], positions, axis=0)
+             + jnp.take(self.type_embed[...], token_type_ids, axis=0))
+        x = self.embed_norm(x.astype(dt))
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        x = run_blocks(self.blocks, x, segment_ids, scan_layers=cfg.scan_layers,
+                       remat_policy=cfg.remat_policy)
+        pooled = jnp.tanh(x[:, 0] @ self.pooler[...].astype(dt) + self.pooler_bias[...].astype(dt))
+        logits = pooled @ self.classifier[...].astype(dt) + self.classifier_bias[...].astype(dt)
+        return logits.astype(jnp.float32)

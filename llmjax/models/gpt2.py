@@ -1,0 +1,132 @@
+"""GPT-2 in Flax NNX: learned positions, pre-norm LayerNorm blocks, GELU MLP, tied head.
+
+Read top to bottom: `GPT2Config`, `Block` (x + attn(ln(x)), then + mlp(ln(x))) and
+`GPT2` (token + position embeddings, the stacked blocks, a final LayerNorm and the
+output head, which is the token embedding transposed). Attention and MLP are the
+biased ones shared with BERT (llmjax.models.layers).
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmjax.models.layers import (
+    DTYPES,
+    GELU_APPROXIMATE,
+    GeluMLP,
+    LayerNorm,
+    MultiHeadAttention,
+    check_choice,
+    constrain,
+    param,
+    run_blocks,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int = 0  # 0: 4 * embed_dim
+    max_positions: int = 1024  # rows of the learned position embedding
+    norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"  # gelu_tanh (GPT-2's "gelu_new") | gelu (exact)
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "auto"  # auto | xla | cudnn
+
+    mlp_matrices: ClassVar[int] = 2  # up, down (for llmjax.models.flops_per_token)
+
+    def __post_init__(self):
+        if self.mlp_dim == 0:
+            object.__setattr__(self, "mlp_dim", 4 * self.embed_dim)
+        for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "mlp_dim",
+                     "max_positions"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config.model.{name}={getattr(self, name)} must be positive")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"config.model.embed_dim={self.embed_dim} must be a multiple of "
+                             f"config.model.num_heads={self.num_heads}")
+        for name in ("param_dtype", "dtype"):
+            check_choice(name, getattr(self, name), DTYPES)
+        check_choice("activation", self.activation, GELU_APPROXIMATE)
+        check_choice("attention_impl", self.attention_impl, ("auto", "xla", "cudnn"))
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
+
+class Block(nnx.Module):
+    """Pre-norm residual layer: x + attn(ln(x)), then + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        pdt, dt = DTYPES[cfg.param_dtype], DTYPES[cfg.dtype]
+        self.attn_norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.attn = MultiHeadAttention(
+            cfg.embed_dim, cfg.num_heads, causal=True, init_std=cfg.init_std, param_dtype=pdt,
+            dtype=dt, implementation=None if cfg.attention_impl == "auto" else cfg.attention_impl,
+            rngs=rngs)
+        self.mlp_norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.mlp = GeluMLP(cfg.embed_dim, cfg.mlp_dim, activation=cfg.activation,
+                           init_std=cfg.init_std, param_dtype=pdt, dtype=dt, rngs=rngs)
+
+    def __call__(self, x, segment_ids):
+        x = x + self.attn(self.attn_norm(x), segment_ids)
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+class GPT2(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = DTYPES[cfg.param_dtype]
+        init = nnx.initializers.normal(cfg.init_std)
+        self.embed = param(rngs, init, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pdt)
+        self.pos_embed = param(rngs, init, (cfg.max_positions, cfg.embed_dim),
+                               ("positions", "embed"), pdt)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [batch, length] int -> logits [batch, length, vocab] float32.
+
+        positions [batch, length] (< max_positions) restart at 0 for each packed
+        document (default 0..length-1); segment_ids [batch, length] keep attention
+        inside a document.
+        """
+        cfg = self.cfg
+        dt = DTYPES[cfg.dtype]
+        if tokens.shape[1] > cfg.max_positions:
+            raise ValueError(f"sequences of {tokens.shape[1]} tokens are longer than GPT-2's "
+                             f"config.model.max_positions={cfg.max_positions}")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = jnp.take(self.embed[...], tokens, axis=0) + jnp.take(self.pos_embed[...], positions,
+                                                                  axis=0)
+        x = constrain(x.astype(dt), ("act_batch", "act_length", "act_embed"))
+        x = run_blocks(self.blocks, x, segment_ids, scan_layers=cfg.scan_layers,
+                       remat_policy=cfg.remat_policy)
+        x = self.final_norm(x)
+        logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(dt))
+        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        return logits.astype(jnp.float32)
