@@ -45,3 +45,52 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
                          f"model or optimizer ({str(e).splitlines()[0]}); use a new --workdir "
                          "or the config it was written with") from e
     return restored.state, restored.data
+
+
+def save_params(workdir: str, params: Any, config: dict) -> None:
+    """Parameters alone, as step 0 of `workdir` (what `python -m llmjax.hf import` writes);
+    `restore_params` reads them as it reads those of a training checkpoint."""
+    mngr = manager(workdir, max_to_keep=1, async_save=False)
+    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+                                         config=ocp.args.JsonSave(config)))
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def _state_path(workdir: str, step: int | None) -> Any:
+    """WORKDIR/checkpoints/STEP/state for `step`, or for the newest complete step if None."""
+    if "://" not in workdir and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"{workdir}/checkpoints not found: give an llmjax workdir "
+                                "or a directory written by `python -m llmjax.hf import`")
+    mngr = manager(workdir, max_to_keep=1, async_save=False)
+    steps = mngr.all_steps()
+    mngr.close()
+    if not steps or (step is not None and step not in steps):
+        raise FileNotFoundError(f"{workdir}/checkpoints has no complete checkpoint "
+                                f"{'' if step is None else step} (steps: {list(steps)})")
+    return mngr.directory / str(max(steps) if step is None else step) / "state"
+
+
+def params_shapes(workdir: str, step: int | None) -> dict:
+    """Shapes of the parameters saved at `step` (None: newest), as a pure dict, read from
+    the checkpoint's metadata without loading anything."""
+    metadata = ocp.PyTreeCheckpointer().metadata(_state_path(workdir, step))
+    return jax.tree.map(lambda m: tuple(m.shape), metadata.item_metadata.tree["params"])
+
+
+def restore_params(workdir: str, step: int | None, abstract_params: Any,
+                   params_shardings: Any) -> Any:
+    """The parameters alone of checkpoint `step` (None: newest) of `workdir`, a training
+    run's or `save_params`', placed with `params_shardings` (a pure dict)."""
+    target = {"params": jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_params, params_shardings)}
+    path = _state_path(workdir, step)
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {path} does not hold parameters of this model "
+                         f"({str(e).splitlines()[0]})") from e
+    return restored["params"]

@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_to_keep = 3
     c.async_checkpointing = True
     c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device (measure it on CPU)
+    c.init_from = ""  # HF model dir or llmjax workdir: its architecture and weights (llmjax.hf)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "bundled:shakespeare"
@@ -91,6 +92,8 @@ def _unknown_keys(config: Any, reference: Any, prefix: str) -> list[str]:
     for key, value in config.items():
         if key not in reference:
             unknown.append(prefix + key)
+        elif prefix + key == "config.model":
+            continue  # each family has its own keys: llmjax.models.model_config checks them
         elif isinstance(value, ml_collections.ConfigDict | dict):
             unknown += _unknown_keys(value, reference[key], f"{prefix}{key}.")
     return unknown

@@ -26,7 +26,12 @@ class TrainState:
 
 
 def init_train_state(model_cfg, tx, seed: int) -> TrainState:
-    params = nnx.to_pure_dict(nnx.split(build_model(model_cfg, seed))[1])
+    return train_state_from_params(nnx.to_pure_dict(nnx.split(build_model(model_cfg, seed))[1]),
+                                   tx)
+
+
+def train_state_from_params(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0 and a fresh optimizer state around `params` (e.g. pretrained weights)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 

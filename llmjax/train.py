@@ -19,14 +19,20 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llmjax import checkpoint, distributed, fit, flops, metrics, optim, sharding
+from llmjax import checkpoint, distributed, fit, flops, hf, metrics, optim, sharding
 from llmjax.config import to_json, validate
 from llmjax.data import pipeline
 from llmjax.data.sources import read_documents
 from llmjax.data.tokenizer import Tokenizer, load_tokenizer
 from llmjax.generate import sample_tokens
-from llmjax.models import flops_per_token, model_config
-from llmjax.step import init_train_state, jit_eval_step, jit_train_step, state_layout
+from llmjax.models import DECODERS, family_of, flops_per_token, model_config
+from llmjax.step import (
+    init_train_state,
+    jit_eval_step,
+    jit_train_step,
+    state_layout,
+    train_state_from_params,
+)
 
 
 @dataclasses.dataclass
@@ -79,7 +85,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     validate(config)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     data = build_data(config, workdir)
-    model_cfg = model_config(config.model, data.tokenizer.vocab_size)
+    if config.init_from:  # architecture (and, for a fresh run, weights) from that directory
+        config, model_cfg = hf.resolve_init_from(config, data.tokenizer.vocab_size)
+    else:
+        model_cfg = model_config(config.model, data.tokenizer.vocab_size)
+    if family_of(model_cfg) not in DECODERS:
+        raise ValueError(f"config.model.family={family_of(model_cfg)!r}: llmjax.train trains "
+                         f"decoders ({', '.join(DECODERS)}); load classifiers with llmjax.hf")
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_axis_rules(config.mesh.rules)
     schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps)
@@ -110,6 +122,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, data_state = checkpoint.restore(mngr, latest, abstract_state, state_shardings)
             data.train_iter.set_state(data_state)
             print(f"Resumed from {mngr.directory}/{latest}", flush=True)
+        elif config.init_from:
+            params = hf.load_init_params(config.init_from, model_cfg, state_shardings.params)
+            state = jax.jit(lambda p: train_state_from_params(p, tx), donate_argnums=0,
+                            out_shardings=state_shardings)(params)
+            print(f"Initialised from {config.init_from}", flush=True)
         else:
             init = jax.jit(lambda: init_train_state(model_cfg, tx, config.seed),
                            out_shardings=state_shardings)
