@@ -31,11 +31,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # HF model dir or llmjax workdir: its architecture and weights (llmjax.hf)
 
     c.data = ml_collections.ConfigDict()
-    c.data.train = "bundled:shakespeare"
-    c.data.eval = ""  # empty: hold out `eval_fraction` of data.train
+    c.data.train = "bundled:shakespeare"  # a source, or a mixture "SRC=0.7,SRC=0.3"
+    c.data.eval = ""  # empty: hold out `eval_fraction` of data.train (its validation split)
     c.data.eval_fraction = 0.05
-    c.data.tokenizer = "bpe:4096"
-    c.data.packing = "first_fit"
+    c.data.tokenizer = "bpe:4096"  # with a prepared: source, bpe:N uses the dataset's own
+    c.data.packing = "first_fit"  # or "concat" (concatenate-then-split: no padding)
+    c.data.packing_bins = 8  # first_fit window, in rows per row shard: wider pads less
+    c.data.num_workers = 0  # grain worker processes per host (0: pack in the train process)
+    c.data.tfds_data_dir = ""  # where tfds: sources are prepared (empty: TFDS's default)
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "llama"

@@ -16,14 +16,12 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from llmjax import checkpoint, distributed, fit, flops, hf, metrics, optim, sharding
 from llmjax.config import to_json, validate
-from llmjax.data import pipeline
-from llmjax.data.sources import read_documents
-from llmjax.data.tokenizer import Tokenizer, load_tokenizer
+from llmjax.data import loader
+from llmjax.data.tokenizer import Tokenizer
 from llmjax.generate import sample_tokens
 from llmjax.models import DECODERS, family_of, flops_per_token, model_config
 from llmjax.step import (
@@ -43,27 +41,11 @@ class Data:
 
 
 def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
-    """Documents -> tokenizer -> packed train stream and held-out eval batches."""
-    documents = read_documents(config.data.train)
-    if config.data.eval:
-        train_docs, eval_docs = documents, read_documents(config.data.eval)
-    else:
-        train_docs, eval_docs = pipeline.split_documents(
-            documents, config.data.eval_fraction, config.seed)
-    # Process 0 trains and saves a `bpe:` tokenizer; the others then load the same files.
-    if jax.process_index() == 0:
-        tokenizer = load_tokenizer(config.data.tokenizer, train_docs, workdir)
-    multihost_utils.sync_global_devices("tokenizer")
-    if jax.process_index() != 0:
-        tokenizer = load_tokenizer(config.data.tokenizer, train_docs, workdir)
-    shares = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = pipeline.make_train_iterator(
-        pipeline.tokenize_documents(tokenizer, train_docs), seq_len=config.seq_len,
-        global_batch_size=config.global_batch_size, seed=config.seed,
-        packing=config.data.packing, **shares)
-    eval_batches = pipeline.make_eval_batches(
-        pipeline.tokenize_documents(tokenizer, eval_docs), seq_len=config.seq_len,
-        global_batch_size=config.global_batch_size, max_batches=config.eval_batches, **shares)
+    """Sources -> tokenizer -> packed train stream and held-out eval batches (llmjax.data)."""
+    tokenizer, train_iter, eval_batches = loader.build(
+        config.data, seed=config.seed, seq_len=config.seq_len,
+        global_batch_size=config.global_batch_size, eval_batches=config.eval_batches,
+        workdir=workdir, process_index=jax.process_index(), process_count=jax.process_count())
     return Data(tokenizer, train_iter, eval_batches)
 
 

@@ -1,14 +1,16 @@
 """llmjax.data: sources, tokenizers, packing, resumable and per-process batches."""
 
 import collections
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import transformers
+from conftest import tiny_config
 
-from llmjax.data import pipeline, sources, tokenizer
+from llmjax.data import loader, pipeline, prepared, sources, tokenizer
 
 SHAKESPEARE_DIR = Path(sources.__file__).parent / "shakespeare"
 
@@ -53,9 +55,12 @@ def test_jsonl_source_default_and_named_field(tmp_path):
 
 @pytest.mark.parametrize("make_source, error", [
     (lambda d: "shakespeare", ValueError),
-    (lambda d: "parquet:x", ValueError),
+    (lambda d: "csv:x", ValueError),
+    (lambda d: f"parquet:{d}/none/*.parquet", FileNotFoundError),
     (lambda d: "bundled:lorem", ValueError),
-    (lambda d: "tfds:lm1b", ValueError),
+    (lambda d: "tfds:no_such_dataset:train", ValueError),
+    (lambda d: f"jsonl:{d}/rows.jsonl#a+b+c", ValueError),
+    (lambda d: f"prepared:{d}", ValueError),
     (lambda d: f"text:{d}/nothing/*.txt", FileNotFoundError),
     (lambda d: f"jsonl:{d}/rows.jsonl#title", ValueError),
     (lambda d: f"text:{d}/blank.txt", ValueError),
@@ -203,15 +208,16 @@ def test_each_epoch_is_a_new_shuffle_of_all_documents():
     # Every document is exactly one full row, so an epoch is exactly num_docs rows and
     # the first input after bos names the document.
     docs = [np.array([BOS, 100 + i, *[5] * (seq_len - 2), EOS], np.int32) for i in range(num_docs)]
+    # One row per packing window, so rows come out in record order.
     iterator = pipeline.make_train_iterator(docs, seq_len=seq_len, global_batch_size=batch_size,
-                                            seed=0)
+                                            seed=0, packing_bins=1)
     order = [int(x) - 100 for _ in range(3 * num_docs // batch_size)
              for x in next(iterator)["inputs"][:, 1]]
     epochs = [order[e * num_docs:(e + 1) * num_docs] for e in range(3)]
     assert all(sorted(epoch) == list(range(num_docs)) for epoch in epochs)
     assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(num_docs))
     other_seed = pipeline.make_train_iterator(docs, seq_len=seq_len, global_batch_size=batch_size,
-                                              seed=1)
+                                              seed=1, packing_bins=1)
     assert [int(x) - 100 for x in next(other_seed)["inputs"][:, 1]] != epochs[0][:batch_size]
 
 
@@ -247,25 +253,200 @@ def test_set_state_resumes_the_exact_stream(packing):
         assert_batches_equal(stream[k:k + 3], [next(original) for _ in range(3)])
 
 
+def numbered_docs(num_docs, max_len, seed=0):
+    """Documents whose second token (1000 + i) names them, for counting who read what."""
+    rng = np.random.default_rng(seed)
+    return [np.array([BOS, 1000 + i, *rng.integers(3, 200, rng.integers(0, max_len)), EOS],
+                     np.int32) for i in range(num_docs)]
+
+
+def documents_seen(batches):
+    """Document numbers at the start of segments (first pieces), with multiplicity."""
+    seen = collections.Counter()
+    for b in batches:
+        starts = (b["positions"] == 0) & (b["segment_ids"] > 0) & (b["inputs"] == BOS)
+        seen.update((b["targets"][starts] - 1000).tolist())
+    return seen
+
+
 @pytest.mark.parametrize("process_count", [2, 4])
-def test_process_shares_partition_the_global_batch(process_count):
-    docs = random_token_docs(40, max_len=30, seed=2)
+def test_process_shares_are_disjoint_cover_the_epoch_and_make_the_same_batches(process_count):
+    docs = numbered_docs(60, max_len=30, seed=2)
     kwargs = dict(seq_len=16, global_batch_size=8, seed=5)
-    whole = pipeline.make_train_iterator(docs, **kwargs)
-    shares = [pipeline.make_train_iterator(docs, process_index=i, process_count=process_count,
-                                           **kwargs)
+    shares = [list(pipeline.make_train_iterator(docs, process_index=i,
+                                                process_count=process_count, num_epochs=1,
+                                                **kwargs))
               for i in range(process_count)]
+    seen = [documents_seen(share) for share in shares]
+    for i in range(process_count):
+        for j in range(i + 1, process_count):
+            assert not set(seen[i]) & set(seen[j])  # disjoint
+    assert sum(seen, collections.Counter()) == collections.Counter(range(60))  # the epoch
+    assert sum((batch_pairs(share) for share in shares), collections.Counter()) == \
+        document_pairs(docs)
+
+    # Rows come from row shards, so the global batch does not depend on the process count.
+    whole = pipeline.make_train_iterator(docs, **kwargs)
+    endless = [pipeline.make_train_iterator(docs, process_index=i, process_count=process_count,
+                                            **kwargs) for i in range(process_count)]
     for _ in range(10):
         expected = next(whole)
-        parts = [next(share) for share in shares]
+        parts = [next(share) for share in endless]
         assert all(p["inputs"].shape == (8 // process_count, 16) for p in parts)
         for key in expected:
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
-    # Every process walks the same global stream, so one saved state fits any process count.
-    assert all(share.get_state() == whole.get_state() for share in shares)
+    combined = pipeline.combine_states([share.local_state() for share in endless])
+    assert json.dumps(combined) == json.dumps(whole.get_state())
     with pytest.raises(ValueError, match="global_batch_size=6"):
         pipeline.make_train_iterator(docs, seq_len=16, global_batch_size=6, seed=0,
                                      process_count=4)
+
+
+def test_resume_on_another_process_count_continues_exactly():
+    docs = random_token_docs(50, max_len=40, seed=3)
+    kwargs = dict(seq_len=16, global_batch_size=8, seed=11)
+    stream = pipeline.make_train_iterator(docs, **kwargs)
+    expected = [next(stream) for _ in range(20)]
+    # Two processes run 7 steps and checkpoint (each gathers both processes' shards).
+    two = [pipeline.make_train_iterator(docs, process_index=i, process_count=2, **kwargs)
+           for i in range(2)]
+    for _ in range(7):
+        for share in two:
+            next(share)
+    state = json.loads(json.dumps(pipeline.combine_states([s.local_state() for s in two])))
+    for process_count in (1, 4):
+        resumed = [pipeline.make_train_iterator(docs, process_index=i,
+                                                process_count=process_count, **kwargs)
+                   for i in range(process_count)]
+        for share in resumed:
+            share.set_state(state)
+        for step in range(7, 20):
+            parts = [next(share) for share in resumed]
+            for key in pipeline.BATCH_KEYS:
+                np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]),
+                                              expected[step][key])
+
+
+def test_worker_processes_give_the_same_stream_and_state():
+    docs = random_token_docs(40, max_len=40, seed=4)
+    kwargs = dict(seq_len=16, global_batch_size=4, seed=2)
+    expected = list(itertools.islice(pipeline.make_train_iterator(docs, **kwargs), 12))
+    workers = pipeline.make_train_iterator(docs, num_workers=2, **kwargs)
+    try:
+        assert_batches_equal(expected[:6], [next(workers) for _ in range(6)])
+        state = json.loads(json.dumps(workers.get_state()))
+    finally:
+        workers.close()
+    resumed = pipeline.make_train_iterator(docs, **kwargs)  # without workers now
+    resumed.set_state(state)
+    assert_batches_equal(expected[6:], [next(resumed) for _ in range(6)])
+
+
+def test_changed_batch_size_restarts_where_no_record_is_skipped():
+    docs = numbered_docs(80, max_len=30, seed=5)
+    before = pipeline.make_train_iterator(docs, seq_len=16, global_batch_size=8, seed=1,
+                                          num_epochs=1)
+    first = [next(before) for _ in range(5)]
+    state = json.loads(json.dumps(before.get_state()))
+    after = pipeline.make_train_iterator(docs, seq_len=16, global_batch_size=4, seed=1,
+                                         num_epochs=1)
+    after.set_state(state)
+    seen = documents_seen(first) + documents_seen(list(after))
+    assert set(seen) == set(range(80))  # nothing skipped
+    assert sum(seen.values()) - 80 <= 8 * 8  # repeats: about a packing window per shard
+
+
+def test_fine_tuning_loss_mask_survives_packing():
+    rng = np.random.default_rng(6)
+    examples = []
+    for _ in range(40):  # prompt ids in [3, 100), response ids in [100, 200)
+        prompt = rng.integers(3, 100, rng.integers(1, 20))
+        response = rng.integers(100, 200, rng.integers(1, 30))
+        examples.append({"tokens": np.array([BOS, *prompt, *response, EOS], np.int32),
+                         "prompt_length": 1 + len(prompt)})
+    for packing in pipeline.PACKINGS:
+        batches = list(pipeline.make_train_iterator(examples, seq_len=16, global_batch_size=4,
+                                                    seed=0, packing=packing, num_epochs=1))
+        trained = collections.Counter()
+        for b in batches:
+            response_or_eos = (b["targets"] >= 100) | (b["targets"] == EOS)
+            np.testing.assert_array_equal(b["loss_mask"], response_or_eos & (b["segment_ids"] > 0))
+            keep = b["loss_mask"] == 1
+            trained.update(zip(b["inputs"][keep].tolist(), b["targets"][keep].tolist(),
+                               strict=True))
+        expected = collections.Counter()
+        for e in examples:
+            t = e["tokens"]
+            expected.update((int(a), int(b)) for a, b in zip(t[e["prompt_length"] - 1:-1],
+                                                             t[e["prompt_length"]:], strict=True))
+        assert trained == expected
+
+
+@pytest.mark.parametrize("packing", pipeline.PACKINGS)
+def test_mixture_proportions_follow_the_weights(packing):
+    rng = np.random.default_rng(7)
+    # Three sources of different document lengths; every token id, down to each source's
+    # own bos (lo - 1) and eos (lo + 50), names the source.
+    sources_ = [pipeline.TokenSource(name, [np.array([lo - 1, *rng.integers(lo, lo + 50, n),
+                                                      lo + 50], np.int32)
+                                            for n in rng.integers(low, high, 100)], weight)
+                for name, lo, low, high, weight in [("a", 10, 2, 20, 0.5), ("b", 100, 10, 60, 0.3),
+                                                    ("c", 200, 1, 8, 0.2)]]
+    iterator = pipeline.make_mixture_iterator(sources_, seq_len=32, global_batch_size=8, seed=0,
+                                              packing=packing)
+    counts = np.zeros(3)
+    for _ in range(100):
+        b = next(iterator)
+        targets = b["targets"][b["loss_mask"] == 1]
+        counts += [((targets >= lo) & (targets <= lo + 50)).sum() for lo in (10, 100, 200)]
+    np.testing.assert_allclose(counts / counts.sum(), [0.5, 0.3, 0.2], atol=0.02)
+
+
+def write_text_tfds(data_dir, name, splits):
+    """A TFDS dataset with a `text` feature, in array_record files, as `tfds build` makes."""
+    import tensorflow_datasets as tfds
+
+    features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+    directory = data_dir / name / "1.0.0"
+    directory.mkdir(parents=True)
+    lengths = {}
+    for split, texts in splits.items():
+        path = directory / prepared.shard_filename(name, split, 0, 1)
+        lengths[split] = ([len(texts)], prepared.write_shard(
+            str(path), ({"text": t} for t in texts), features)[1])
+    prepared.write_metadata(str(directory), name, features, lengths, {}, "test")
+
+
+def test_tfds_catalog_source_reads_locally_and_never_downloads(tmp_path):
+    texts = [f"line {i} of a tiny catalog dataset" for i in range(30)]
+    write_text_tfds(tmp_path, "tiny_text", {"train": texts[:25], "validation": texts[25:]})
+    config = tiny_config(**{"data.train": "tfds:tiny_text", "data.tfds_data_dir": str(tmp_path)})
+    tok, train_iter, eval_batches = loader.build(
+        config.data, seed=0, seq_len=16, global_batch_size=4, eval_batches=10,
+        workdir=str(tmp_path / "run"))
+    byte = tokenizer.load_tokenizer("byte")
+    train = pipeline.tokenize_documents(byte, texts[:25])
+    batches = [next(train_iter) for _ in range(40)]
+    assert set(batch_pairs(batches)) == set(document_pairs(train))  # tokenized on the fly
+    held_out = pipeline.tokenize_documents(byte, texts[25:])
+    assert batch_pairs(eval_batches) == document_pairs(held_out)  # its validation split
+    missing = tiny_config(**{"data.train": "tfds:tiny_text:test",
+                             "data.tfds_data_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="never downloads") as info:
+        loader.build(missing.data, seed=0, seq_len=16, global_batch_size=4, eval_batches=1,
+                     workdir=str(tmp_path / "run"))
+    assert "\n" not in str(info.value)
+
+
+def test_mixture_strings_are_parsed_and_checked():
+    mixture = sources.parse_mixture("bundled:shakespeare=3,jsonl:/x/*.jsonl#prompt+response=1")
+    assert [(spec.kind, spec.fields, weight) for spec, weight in mixture] == [
+        ("bundled", ("text",), 0.75), ("jsonl", ("prompt", "response"), 0.25)]
+    assert sources.parse_source("tfds:wiki/en:validation#body").split == "validation"
+    assert sources.parse_source("prepared:/data/web:validation").location == "/data/web"
+    for bad in ("bundled:shakespeare=x", "bundled:shakespeare=0", "text:a=1,text:a=1"):
+        with pytest.raises(ValueError, match="config.data.train"):
+            sources.parse_mixture(bad)
 
 
 def test_eval_batches_are_fixed_shape_deterministic_and_complete():

@@ -9,10 +9,12 @@
     byte         UTF-8 bytes, no training: ids 0/1/2 are pad/bos/eos, byte b is id b + 3
 """
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import transformers
@@ -24,6 +26,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
 TOKENIZER_SUBDIR = "tokenizer"
+TRAINABLE = ("bpe", "unigram")  # what `train_tokenizer` (and `llmjax.prepare`) can train
 
 
 class Tokenizer:
@@ -129,20 +132,69 @@ def load_tokenizer(spec: str, documents: Sequence[str] | None = None,
                      "those two")
 
 
-def train_bpe(documents: Sequence[str], vocab_size: int) -> _RustTokenizer:
+def train_bpe(documents: Iterable[str], vocab_size: int,
+              length: int | None = None) -> _RustTokenizer:
     """Trains a byte-level BPE (GPT-2 style pre-tokenization) with pad/bos/eos as ids 0/1/2."""
-    tokenizer = _RustTokenizer(models.BPE())
+    return train_tokenizer("bpe", documents, vocab_size, length)
+
+
+def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int,
+                    length: int | None = None) -> _RustTokenizer:
+    """Trains a byte-level `bpe` or `unigram` tokenizer with pad/bos/eos as ids 0/1/2.
+
+    Both see text as UTF-8 bytes first (GPT-2 style pre-tokenization), so any later text
+    encodes without an unknown token. `documents` may be a one-pass iterator; `length`
+    (its size, if known) only feeds the progress estimate.
+    """
+    tokenizer = _RustTokenizer(models.BPE() if kind == "bpe" else models.Unigram())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        # All 256 bytes, seen or not, so any later text encodes without an unknown token.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(documents, trainer, length=len(documents))
+    # All 256 bytes, seen or not, so any later text encodes without an unknown token.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if kind == "bpe":
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                      initial_alphabet=alphabet, show_progress=False)
+    elif kind == "unigram":
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size,
+                                          special_tokens=list(SPECIAL_TOKENS),
+                                          initial_alphabet=alphabet, show_progress=False)
+    else:
+        raise ValueError(f"tokenizer kind {kind!r} is not one of {', '.join(TRAINABLE)}")
+    if length is None and isinstance(documents, Sequence):
+        length = len(documents)
+    tokenizer.train_from_iterator(documents, trainer, length=length)
     return tokenizer
+
+
+def save_trained(raw: _RustTokenizer, directory: str) -> None:
+    """Saves a trained tokenizer as a directory `transformers.AutoTokenizer` loads.
+
+    Written to a scratch directory and renamed into place, so a process killed mid-save
+    never leaves a half-written tokenizer that a later run would take as complete. If the
+    directory appeared meanwhile (another process, same workdir), theirs is kept.
+    """
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".", dir=parent)
+    hf_tokenizer.save_pretrained(scratch)
+    try:
+        os.rename(scratch, directory)
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def fingerprint(tokenizer: Tokenizer) -> str:
+    """A short hash of what ids a tokenizer produces: its vocabulary and special ids."""
+    digest = hashlib.sha256(f"{tokenizer.bos_id} {tokenizer.eos_id} {tokenizer.pad_id} "
+                            f"{tokenizer.vocab_size}".encode())
+    if tokenizer.hf_tokenizer is not None:
+        vocab = sorted(tokenizer.hf_tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        digest.update(json.dumps(vocab, ensure_ascii=False).encode())
+    else:
+        digest.update(type(tokenizer).__name__.encode())
+    return digest.hexdigest()[:16]
 
 
 def _load_or_train_bpe(spec: str, vocab_size: int, documents: Sequence[str] | None,
@@ -152,19 +204,7 @@ def _load_or_train_bpe(spec: str, vocab_size: int, documents: Sequence[str] | No
         if not documents:
             raise ValueError(f"data.tokenizer={spec!r}: no documents to train on and no "
                              f"saved tokenizer in {directory}")
-        hf_tokenizer = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=train_bpe(documents, vocab_size),
-            bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
-        # Save to a scratch directory and rename it into place, so a run killed mid-save
-        # never leaves a half-written tokenizer that the next run would take as complete.
-        os.makedirs(os.path.dirname(directory), exist_ok=True)
-        scratch = tempfile.mkdtemp(prefix=TOKENIZER_SUBDIR + ".", dir=os.path.dirname(directory))
-        hf_tokenizer.save_pretrained(scratch)
-        try:
-            os.rename(scratch, directory)
-        except OSError:
-            # Another process (same workdir, several hosts) got there first; use theirs.
-            shutil.rmtree(scratch, ignore_errors=True)
+        save_trained(train_bpe(documents, vocab_size), directory)
     return _load_directory(spec, directory)
 
 
