@@ -140,6 +140,10 @@ def prepare(options: Options, show_progress: bool = True) -> dict[str, Any]:
             return report
     if options.force:
         shutil.rmtree(work, ignore_errors=True)
+        tokenizer_dir = os.path.join(output, prepared.TOKENIZER_SUBDIR)
+        if os.path.exists(tokenizer_dir + ".stamp.json"):  # ours, trained here: retrain it
+            shutil.rmtree(tokenizer_dir, ignore_errors=True)
+            os.remove(tokenizer_dir + ".stamp.json")
     os.makedirs(work, exist_ok=True)
     seconds: dict[str, float] = {}
     cached: dict[str, str] = {}

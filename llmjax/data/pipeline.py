@@ -48,10 +48,12 @@ the train loop does when it checkpoints). `set_state()`:
     (about packing_bins documents per shard). A source that is new starts at 0.
 """
 
+import atexit
 import dataclasses
 import functools
 import json
 import math
+import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -245,6 +247,10 @@ class DataIterator(grain.DatasetIterator):
             # grain's worker processes read absl flags; scripts and tests may not parse any.
             flags.FLAGS.mark_as_parsed()
         self._batches = iter(self._plan.local_dataset(shard_states))
+        if self._plan.num_workers > 0:
+            # Stop the workers before interpreter shutdown tears down the modules that
+            # grain's cleanup needs (a run does not close its iterator).
+            atexit.register(_close_if_alive, weakref.ref(self))
 
     def __next__(self) -> Batch:
         plan = self._plan
@@ -568,6 +574,12 @@ def _restart_offsets(state: dict[str, Any], names: Sequence[str]) -> dict[str, i
                             * _record_position(shard_state["sources"][s])
                             for shard, shard_state in enumerate(state["shards"]))
     return offsets
+
+
+def _close_if_alive(iterator_ref: "weakref.ref[DataIterator]") -> None:
+    iterator = iterator_ref()
+    if iterator is not None:
+        iterator.close()
 
 
 def _allgather_json(value: Any) -> list[Any]:
