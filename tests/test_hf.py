@@ -125,6 +125,9 @@ def test_round_trip_matches_transformers(name, tmp_path, tokenizer_dir):
 
     # HF -> llmjax: the same logits.
     model = hf.from_pretrained(str(tmp_path / "hf"))
+    padding_positions, segment_ids = hf.padding_inputs(mask)
+    np.testing.assert_array_equal(padding_positions, positions)
+    np.testing.assert_array_equal(segment_ids, mask)
     ours = our_logits(model, tokens, mask, positions, types)
     assert ours.shape == reference.shape
     max_diff, max_kl = differences(ours[keep], reference[keep])
@@ -177,6 +180,35 @@ def test_each_device_reads_only_its_slice(tmp_path, monkeypatch):
     assert {s.data.shape for s in q.addressable_shards} == {(2, 4, 4, 8)}
     tensors = hf.HFTensors(str(tmp_path))
     assert sum(read_elements) == sum(np.prod(tensors.shape(n)) for n in tensors.files)
+
+
+def test_bert_without_a_classifier_gets_a_fresh_one(tmp_path):
+    """As in transformers: a released BERT (BertModel, no head) starts a new classifier."""
+    make_hf_model("bert").bert.save_pretrained(tmp_path)  # the bare encoder + pooler
+    tokens, mask, _ = padded_batch(encoder=True)
+    model = hf.from_pretrained(str(tmp_path), num_labels=5)
+    assert model(jnp.asarray(tokens), segment_ids=jnp.asarray(mask)).shape == (3, 5)
+    reference = make_hf_model("bert")
+    np.testing.assert_array_equal(np.asarray(model.pooler[...]),
+                                  reference.bert.pooler.dense.weight.detach().numpy().T)
+
+
+def test_init_from_reads_hf_and_imported_directories_alike(tmp_path):
+    save_tiny_llama(tmp_path / "hf")
+    hf.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "imported"))
+    run_model = tiny_config(**{"model.dtype": "bfloat16", "model.embed_dim": 64}).model
+    configs = [hf.init_from_model_config(str(tmp_path / d), run_model, vocab_size=100)
+               for d in ("hf", "imported")]
+    assert configs[0] == configs[1]
+    assert configs[0].embed_dim == 32 and configs[0].dtype == "bfloat16"  # runtime from the run
+    model = hf.from_pretrained(str(tmp_path / "hf"))
+    shardings = jax.tree.map(lambda x: x.sharding, nnx.to_pure_dict(nnx.state(model)))
+    for d in ("hf", "imported"):
+        params = hf.load_init_params(str(tmp_path / d), configs[0], shardings)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.state(model))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="tokenizer has 1000 ids but the model .* has 128"):
+        hf.init_from_model_config(str(tmp_path / "hf"), run_model, vocab_size=1000)
 
 
 def test_print_measured_differences():
