@@ -181,9 +181,13 @@ def prepare(options: Options, show_progress: bool = True) -> dict[str, Any]:
 
         # 4. tokenize
         clock = time.perf_counter()
+        samples = _sample_texts(summaries, splits["train"])
+        load_args = (_rust_only_matches(tokenizer_spec, tokenizer, samples), tokenizer.bos_id,
+                     tokenizer.eos_id)
         tokenize = functools.partial(_tokenize, tokenizer_spec=tokenizer_spec,
                                      fingerprint=tokenizer_fingerprint,
-                                     vocab_size=tokenizer.vocab_size, work=work)
+                                     vocab_size=tokenizer.vocab_size, work=work,
+                                     load_args=load_args)
         jobs = [(i, summaries[i], reasons[i]) for i in range(len(tasks))]
         token_counts: list[dict[str, Any]] = [None] * len(tasks)  # type: ignore[list-item]
         with _progress(show_progress, "tokenize", sum(s["num_docs"] for s in summaries),
@@ -445,14 +449,38 @@ def _tokenizer(options: Options, output: str, summaries: Sequence[dict],
 # ---------------------------------------------------------------- 4. tokenize
 
 
+class _RustOnlyTokenizer:
+    """What tokenize_documents needs, from tokenizer.json alone: loads in milliseconds where
+    AutoTokenizer takes seconds (per worker). Used only if it encodes like the full one."""
+
+    def __init__(self, directory: str, bos_id: int, eos_id: int):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self._raw = RustTokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+        self.bos_id, self.eos_id = bos_id, eos_id
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._raw.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+
+def _rust_only_matches(spec: str, tokenizer, samples: Sequence[str]) -> bool:
+    if spec == "byte" or not os.path.isfile(os.path.join(spec, "tokenizer.json")):
+        return False
+    try:
+        fast = _RustOnlyTokenizer(spec, tokenizer.bos_id, tokenizer.eos_id)
+    except Exception:  # noqa: BLE001 (any failure: use the full tokenizer)
+        return False
+    return fast.encode_batch(samples) == tokenizer.encode_batch(samples)
+
+
 @functools.lru_cache(maxsize=2)
-def _load_tokenizer(spec: str):
+def _load_tokenizer(spec: str, rust_only: bool, bos_id: int, eos_id: int):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
-    return load_tokenizer(spec)
+    return _RustOnlyTokenizer(spec, bos_id, eos_id) if rust_only else load_tokenizer(spec)
 
 
 def _tokenize(job: tuple[int, dict, list[str]], *, tokenizer_spec: str, fingerprint: str,
-              vocab_size: int, work: str) -> tuple[int, dict[str, Any]]:
+              vocab_size: int, work: str, load_args: tuple) -> tuple[int, dict[str, Any]]:
     """Stage 4 for one task, in a worker: kept documents' tokens to work/ as .npy files;
     token counts of every document (dropped ones too, for the report) back."""
     index, summary, reasons = job
@@ -461,7 +489,7 @@ def _tokenize(job: tuple[int, dict, list[str]], *, tokenizer_spec: str, fingerpr
     if os.path.exists(counts_path):
         with open(counts_path) as f:
             return index, {**json.load(f), "cached": True}
-    tokenizer = _load_tokenizer(tokenizer_spec)
+    tokenizer = _load_tokenizer(tokenizer_spec, *load_args)
     with open(_docs_path(summary), "rb") as f:
         documents = pickle.load(f)
     token_docs = tokenize_documents(tokenizer, documents) if documents else []
@@ -483,6 +511,17 @@ def _tokenize(job: tuple[int, dict, list[str]], *, tokenizer_spec: str, fingerpr
         json.dump(counts, f)
     os.replace(counts_path + ".incomplete", counts_path)
     return index, {**counts, "cached": False}
+
+
+def _sample_texts(summaries: Sequence[dict], members: Sequence[tuple[int, int]]) -> list[str]:
+    """Up to 16 kept documents' text (their first 4,000 characters)."""
+    texts: list[str] = []
+    chosen = sorted(members)[:16]
+    for t in sorted({t for t, _ in chosen}):  # each task's documents read once
+        with open(_docs_path(summaries[t]), "rb") as f:
+            documents = pickle.load(f)
+        texts += [sources.document_text(documents[d])[:4000] for u, d in chosen if u == t]
+    return texts
 
 
 def _tokens(token_doc: Any) -> np.ndarray:
@@ -562,6 +601,9 @@ def _report(options: Options, output: str, tasks, summaries, reasons, splits, to
             cached: dict[str, str]) -> dict[str, Any]:
     by_reason: dict[str, dict[str, int]] = defaultdict(lambda: {"documents": 0, "bytes": 0,
                                                                  "tokens": 0})
+    for reason in (*sources.BAD_INPUT_REASONS, *clean.FILTER_REASONS, clean.EXACT_DUPLICATE,
+                   clean.NEAR_DUPLICATE):  # every reason in the report, even at zero
+        by_reason[reason]
     bad_files: dict[str, dict[str, Any]] = {}
     for summary, task_reasons, counts in zip(summaries, reasons, token_counts, strict=True):
         for reason, num_bytes in zip(task_reasons, summary["bytes"], strict=True):
@@ -585,7 +627,7 @@ def _report(options: Options, output: str, tasks, summaries, reasons, splits, to
         "kept": {**kept, "splits": {split: {k: info[k] for k in ("documents", "tokens",
                                                                   "shards", "bytes")}
                                     for split, info in written.items()}},
-        "dropped": {reason: by_reason[reason] for reason in sorted(by_reason)},
+        "dropped": dict(by_reason),
         "bad_input": bad_files,
         "control_characters_removed": int(sum(s["control_removed"] for s in summaries)),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},

@@ -68,7 +68,8 @@ def planted(tmp_path_factory):
 
 def test_planted_duplicates_are_removed_and_counted(planted):
     _, report = planted
-    dropped = {reason: entry["documents"] for reason, entry in report["dropped"].items()}
+    dropped = {reason: entry["documents"] for reason, entry in report["dropped"].items()
+               if entry["documents"]}
     assert dropped == {clean.EXACT_DUPLICATE: 2, clean.NEAR_DUPLICATE: 3, clean.TOO_SHORT: 1,
                        clean.REPEATED_LINES: 1}
     assert report["kept"]["documents"] == 30
@@ -112,7 +113,8 @@ def test_corrupt_and_malformed_inputs_are_counted_not_raised(tmp_path):
     report = prepare.prepare(options(tmp_path, f"jsonl:{tmp_path}/*.jsonl",
                                      f"text:{tmp_path}/*.txt", f"parquet:{tmp_path}/*.parquet"),
                              show_progress=False)
-    dropped = {reason: entry["documents"] for reason, entry in report["dropped"].items()}
+    dropped = {reason: entry["documents"] for reason, entry in report["dropped"].items()
+               if entry["documents"]}
     assert dropped == {"malformed_json": 1, "missing_field": 4, "invalid_utf8": 2,
                        "unreadable": 1}
     assert report["kept"]["documents"] == 3

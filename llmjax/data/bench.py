@@ -20,6 +20,7 @@ Pipeline rows count the positions they deliver (rows x seq_len, padding included
 what a train step consumes; the fill column says how many of them are trained tokens.
 """
 
+import importlib.util
 import json
 import os
 import statistics
@@ -29,14 +30,14 @@ import time
 
 import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from llmjax import train  # defines --config (and --config.KEY=VALUE overrides) for us too
 from llmjax.data import clean, pipeline, prepared, sources
 from llmjax.data.tokenizer import load_tokenizer
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/shakespeare.py", "Training config whose data, "
-                                "tokenizer and train step are measured.", lock_config=False)
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs", "shakespeare.py")
 flags.DEFINE_integer("train_steps", 30, "Real train steps to time (0: skip the train row).")
 flags.DEFINE_string("metrics", "", "Read the train step's tokens/s from this metrics.jsonl "
                     "instead of training.")
@@ -83,14 +84,12 @@ def time_batches(make_iterator, num_batches: int, seconds: float,
 
 def train_tokens_per_sec(config: ml_collections.ConfigDict, steps: int, workdir: str) -> float:
     """Median train/tokens_per_sec of `steps` real steps of `config` (after compilation)."""
-    from llmjax.train import train_and_evaluate
-
     config = ml_collections.ConfigDict(config.to_dict())
     config.num_train_steps = steps
     config.log_every_steps = max(1, steps // 3)
     config.eval_every_steps = config.checkpoint_every_steps = steps * 10
     config.sample.max_new_tokens = 0
-    train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir)
     return metrics_tokens_per_sec(os.path.join(workdir, "metrics.jsonl"))
 
 
@@ -173,6 +172,11 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TFDS and Orbax INFO lines drown the table
     config = FLAGS.config
+    if config is None:  # no --config: the default job's
+        spec = importlib.util.spec_from_file_location("shakespeare_config", DEFAULT_CONFIG)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
     try:
         rows = run(config, FLAGS.train_steps, FLAGS.metrics, [int(w) for w in FLAGS.workers],
                    FLAGS.seconds)
