@@ -71,8 +71,7 @@ PACKINGS = ("first_fit", "concat")
 STATE_FORMAT = "llmjax.data.rows/1"
 _SHARD_KEY = "llmjax_shard"
 _GOLDEN = (math.sqrt(5) - 1) / 2
-# In-memory records: reader threads would only contend for the GIL.
-_IN_MEMORY = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+_SYNCHRONOUS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -607,10 +606,11 @@ def _with_tuple_slices(state: Any) -> Any:
 
 
 def _read_options(records: Sequence[Any]) -> grain.ReadOptions:
-    if isinstance(records, list | tuple):
-        return _IN_MEMORY
-    # File-backed records: a reader thread overlaps reading with packing.
-    return grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)
+    del records
+    # Records are read in the packing loop (of this process or of a worker): a reader thread
+    # per row shard and source would make hundreds of threads on a host with many shards,
+    # and measured no faster on local files. data.num_workers reads in parallel instead.
+    return _SYNCHRONOUS
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
