@@ -148,8 +148,11 @@ def prepare(options: Options, show_progress: bool = True) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     cached: dict[str, str] = {}
     # Forked before any tokenizer runs (a fork after the Rust thread pool started would
-    # make each child fall back to one thread, with a warning).
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    # make each child fall back to one thread, with a warning). Reading array_record files
+    # (tfds: sources) in a forked child can hang on the parent's reader thread pool, so
+    # those runs start fresh worker processes instead (slower to start).
+    forkable = sys.platform == "linux" and all(spec.kind != "tfds" for spec in specs)
+    context = multiprocessing.get_context("fork" if forkable else "spawn")
     with (context.Pool(num_workers) if num_workers > 1 else _InlinePool()) as pool:
         # 1. read + clean
         clock = time.perf_counter()

@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 import transformers
 from conftest import tiny_config
+from test_data import write_text_tfds
 
 from llmjax import prepare
 from llmjax.data import clean, loader, prepared, tokenizer
@@ -155,6 +156,21 @@ def test_fine_tuning_records_keep_their_prompt_length(tmp_path):
     expected = {byte_tokens(p + r): 1 + len(p) for p, r in pairs}
     got = {tuple(int(t) for t in r["tokens"]): int(r["prompt_length"]) for r in records}
     assert got == expected
+
+
+def test_tfds_catalog_source_is_prepared_without_download(tmp_path):
+    documents = random_documents(8, seed=4)
+    write_text_tfds(tmp_path / "tfds", "tiny_text", {"train": documents + documents[:1]})
+    report = prepare.prepare(options(tmp_path, "tfds:tiny_text", validation_fraction=0,
+                                     tfds_data_dir=str(tmp_path / "tfds")), show_progress=False)
+    assert report["kept"]["documents"] == 8
+    assert report["dropped"][clean.EXACT_DUPLICATE]["documents"] == 1
+    got = collections.Counter(tuple(int(t) for t in r["tokens"])
+                              for r in read_back(report["output"], "train"))
+    assert got == collections.Counter(byte_tokens(d) for d in documents)
+    with pytest.raises(ValueError, match="never downloads"):
+        prepare.prepare(options(tmp_path, "tfds:not_built_here",
+                                tfds_data_dir=str(tmp_path / "tfds")), show_progress=False)
 
 
 def test_training_input_from_a_prepared_dataset_and_a_mixture(planted, tmp_path):
