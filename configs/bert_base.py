@@ -1,7 +1,7 @@
 """BERT-base (uncased) with a two-class sequence-classification head: the real dimensions.
 
-Use (BERT is an encoder; llmjax.train trains decoders, so this config describes the model
-for llmjax.hf and llmjax.models, and training with it stops with a message):
+Use (this config describes the model for llmjax.hf and llmjax.models; to fine-tune a
+BERT classifier see configs/bert_sentiment.py, which trains with config.task="classify"):
     python -m llmjax.hf import bert-base-uncased runs/bert_base   # HF dir -> llmjax checkpoint
     python -c "import llmjax.hf; m = llmjax.hf.from_pretrained('bert-base-uncased')"
     python -c "from configs.bert_base import get_config; from llmjax.models import *; \

@@ -13,10 +13,13 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+BEST = "best"  # WORKDIR/best/STEP: the checkpoint with the best config.early_stopping.metric
 
-def manager(workdir: str, *, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
+
+def manager(workdir: str, *, max_to_keep: int, async_save: bool,
+            subdir: str = "checkpoints") -> ocp.CheckpointManager:
     local = "://" not in workdir  # gs:// and other object stores go to Orbax as they are
-    directory = epath.Path(os.path.abspath(workdir) if local else workdir) / "checkpoints"
+    directory = epath.Path(os.path.abspath(workdir) if local else workdir) / subdir
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(directory, options=options,
@@ -57,16 +60,16 @@ def save_params(workdir: str, params: Any, config: dict) -> None:
     mngr.close()
 
 
-def _state_path(workdir: str, step: int | None) -> Any:
-    """WORKDIR/checkpoints/STEP/state for `step`, or for the newest complete step if None."""
-    if "://" not in workdir and not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(f"{workdir}/checkpoints not found: give an llmjax workdir "
+def _state_path(workdir: str, step: int | None, subdir: str = "checkpoints") -> Any:
+    """WORKDIR/SUBDIR/STEP/state for `step`, or for the newest complete step if None."""
+    if "://" not in workdir and not os.path.isdir(os.path.join(workdir, subdir)):
+        raise FileNotFoundError(f"{workdir}/{subdir} not found: give an llmjax workdir "
                                 "or a directory written by `python -m llmjax.hf import`")
-    mngr = manager(workdir, max_to_keep=1, async_save=False)
+    mngr = manager(workdir, max_to_keep=1, async_save=False, subdir=subdir)
     steps = mngr.all_steps()
     mngr.close()
     if not steps or (step is not None and step not in steps):
-        raise FileNotFoundError(f"{workdir}/checkpoints has no complete checkpoint "
+        raise FileNotFoundError(f"{workdir}/{subdir} has no complete checkpoint "
                                 f"{'' if step is None else step} (steps: {list(steps)})")
     return mngr.directory / str(max(steps) if step is None else step) / "state"
 
@@ -79,13 +82,13 @@ def params_shapes(workdir: str, step: int | None) -> dict:
 
 
 def restore_params(workdir: str, step: int | None, abstract_params: Any,
-                   params_shardings: Any) -> Any:
+                   params_shardings: Any, subdir: str = "checkpoints") -> Any:
     """The parameters alone of checkpoint `step` (None: newest) of `workdir`, a training
     run's or `save_params`', placed with `params_shardings` (a pure dict)."""
     target = {"params": jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_params, params_shardings)}
-    path = _state_path(workdir, step)
+    path = _state_path(workdir, step, subdir)
     try:
         restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device (measure it on CPU)
     c.init_from = ""  # HF model dir or llmjax workdir: its architecture and weights (llmjax.hf)
+    c.task = "lm"  # lm (next token) | classify (sequence labels: llmjax.data.classify)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "bundled:shakespeare"  # a source, or a mixture "SRC=0.7,SRC=0.3"
@@ -82,6 +83,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.dcn_tensor = 1
     c.mesh.rules = "fsdp+tp"
 
+    c.lora = ml_collections.ConfigDict()  # llmjax.lora
+    c.lora.rank = 0  # 0: train every parameter; > 0: adapters of this rank, the rest frozen
+    c.lora.alpha = 16.0  # adapters are scaled by alpha / rank
+    c.lora.targets = "blocks/attn/(q|v)"  # regex over parameter paths that get adapters
+    c.lora.trainable = ""  # regex over parameter paths trained in full (heads), e.g. "score"
+
+    c.early_stopping = ml_collections.ConfigDict()
+    c.early_stopping.metric = ""  # e.g. "eval/loss": keep the best checkpoint in workdir/best
+    c.early_stopping.mode = "min"  # min | max: which way is better
+    c.early_stopping.patience = 0  # stop after this many evaluations without a better metric
+
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = ""
     c.sample.max_new_tokens = 0  # 0: no sample at the end of training
@@ -121,6 +133,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.optimizer.name={opt.name!r}: choose one of {OPTIMIZERS}")
     if opt.learning_rate < 0 or opt.warmup_steps < 0:
         raise ValueError("config.optimizer.learning_rate and warmup_steps must be >= 0")
+    if config.task not in ("lm", "classify"):
+        raise ValueError(f"config.task={config.task!r}: choose lm or classify")
+    if int(config.lora.rank) < 0:
+        raise ValueError(f"config.lora.rank={config.lora.rank} must be >= 0 (0: no LoRA)")
+    stop = config.early_stopping
+    if stop.mode not in ("min", "max"):
+        raise ValueError(f"config.early_stopping.mode={stop.mode!r}: choose min or max")
+    if int(stop.patience) < 0 or (int(stop.patience) and not stop.metric):
+        raise ValueError("config.early_stopping.patience must be >= 0 and needs "
+                         "config.early_stopping.metric (e.g. eval/loss)")
     if not 0.0 <= config.data.eval_fraction < 1.0:
         raise ValueError(f"config.data.eval_fraction={config.data.eval_fraction} must be in [0, 1)")
     if not config.data.eval and config.data.eval_fraction == 0.0:

@@ -520,13 +520,23 @@ def _llmjax_model_config(workdir: str, step: int | None, overrides: dict[str, An
 def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
                       max_shard_size: int | str = "5GB") -> str:
     """llmjax workdir / checkpoint / import directory -> HF directory `out`, with its
-    tokenizer when the run has one (its tokenizer/ or a data.tokenizer directory)."""
+    tokenizer when the run has one (its tokenizer/ or a data.tokenizer directory).
+
+    A LoRA run's newest checkpoint is written with its adapters merged into the weights,
+    and the adapters alone in the PEFT layout under `out/adapter` (for its base model)."""
     from llmjax.data.tokenizer import ByteTokenizer
 
     workdir, _ = _workdir_and_step(source)
-    model = load_llmjax_model(source)
     with open(os.path.join(workdir, "config.json")) as f:
-        tokenizer_spec = json.load(f).get("data", {}).get("tokenizer", "")
+        run = json.load(f)
+    tokenizer_spec = run.get("data", {}).get("tokenizer", "")
+    if run.get("lora", {}).get("rank", 0):  # LoRA: merge the adapters; PEFT files beside
+        from llmjax import evaluate, lora
+
+        model, trainable, model_cfg, run_config = evaluate.finetuned_model(workdir)
+        lora.save_peft(os.path.join(out, "adapter"), trainable, run_config.lora, model_cfg)
+    else:
+        model = load_llmjax_model(source)
     tokenizer: Any = None
     for candidate in (os.path.join(workdir, "tokenizer"), os.path.expanduser(tokenizer_spec)):
         if os.path.isdir(candidate):
@@ -555,7 +565,9 @@ def init_from_model_config(init_from: str, model_cfg: Any, vocab_size: int) -> M
 
     Raises ValueError if the run's tokenizer (`vocab_size` ids) does not fit the model.
     """
-    runtime = {k: v for k, v in dict(model_cfg).items() if k in RUNTIME_FIELDS}
+    # num_labels too: a decoder fine-tuned as a classifier gets a head (score) the LM lacks.
+    runtime = {k: v for k, v in dict(model_cfg).items()
+               if k in RUNTIME_FIELDS or (k == "num_labels" and v)}
     if not os.path.isdir(init_from):
         raise FileNotFoundError(f"config.init_from={init_from!r} is not a directory; give an "
                                 "HF model directory or an llmjax workdir")

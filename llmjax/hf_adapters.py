@@ -200,7 +200,12 @@ def _llama_rules(cfg: Any) -> list[Rule]:
                   for x in "qkv"]
     if not cfg.tie_embeddings:
         rules.append(Rule("lm_head", "lm_head.weight", "v d -> d v"))
-    return rules
+    return rules + _score_rules(cfg)
+
+
+def _score_rules(cfg: Any) -> list[Rule]:
+    """A decoder classifier's head, as in HF's *ForSequenceClassification (fresh if absent)."""
+    return [Rule("score", "score.weight", "l d -> d l")] if cfg.num_labels else []
 
 
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -247,7 +252,7 @@ def _gpt2_rules(cfg: Any) -> list[Rule]:
         Rule("blocks/mlp/down_bias", layer + "mlp.c_proj.bias"),
         Rule("final_norm/scale", "transformer.ln_f.weight"),
         Rule("final_norm/bias", "transformer.ln_f.bias"),
-    ]
+    ] + _score_rules(cfg)
 
 
 BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -325,10 +330,10 @@ ADAPTERS = {
     "llama": Adapter(("llama", "mistral", "qwen2"),
                      tuple(f"{m}{h}" for m in ("Llama", "Mistral", "Qwen2")
                            for h in ("ForCausalLM", "Model")),
-                     "model.", _llama_from_hf, _llama_to_hf, _llama_rules,
+                     "model.", _llama_from_hf, _llama_to_hf, _llama_rules, optional=("score",),
                      ignored=r"rotary_emb\.inv_freq$"),
     "gpt2": Adapter(("gpt2",), ("GPT2LMHeadModel", "GPT2Model"), "transformer.", _gpt2_from_hf,
-                    _gpt2_to_hf, _gpt2_rules,
+                    _gpt2_to_hf, _gpt2_rules, optional=("score",),
                     ignored=r"(attn\.bias|attn\.masked_bias|^lm_head\.weight)$"),
     # A pretrained BERT (BertModel, BertForMaskedLM, ...) has no classifier: it starts
     # fresh, as in transformers' BertForSequenceClassification.

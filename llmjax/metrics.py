@@ -102,6 +102,14 @@ class ConsoleWriter(JsonlWriter):
         self._file.flush()
 
 
+def read_records(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (none if it does not exist)."""
+    path = epath.Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def drop_records_after(path: str, step: int) -> None:
     """Remove metrics.jsonl records past `step`, so a resumed run does not log steps twice."""
     path = epath.Path(path)

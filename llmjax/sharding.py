@@ -157,12 +157,19 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]],
     return sharding
 
 
+def rank_sharding(sharding: NamedSharding, ndim: int) -> NamedSharding:
+    """The batch sharding `sharding` for an array of `ndim` dims (e.g. 1 for [batch])."""
+    spec = tuple(sharding.spec) + (None,) * max(ndim - len(sharding.spec), 0)
+    return NamedSharding(sharding.mesh, P(*spec[:ndim]))
+
+
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding,
                  global_batch_size: int) -> dict[str, jax.Array]:
-    """Process-local rows -> global jax.Arrays placed on the mesh."""
+    """Process-local rows -> global jax.Arrays placed on the mesh ([batch] arrays, such as
+    classification labels, are split along the batch as the [batch, length] ones are)."""
     def place(x):
         return jax.make_array_from_process_local_data(
-            sharding, x, (global_batch_size, *x.shape[1:]))
+            rank_sharding(sharding, x.ndim), x, (global_batch_size, *x.shape[1:]))
     return {k: place(v) for k, v in local_batch.items()}
 
 

@@ -1,8 +1,13 @@
 """Train a language model: python -m llmjax.train --config=configs/NAME.py [--workdir=DIR]
 
 Reads top to bottom: data -> model and sharded train state -> resume or init ->
-loop (step, log, evaluate, checkpoint) -> sample. Rerunning the same command in the
-same workdir resumes from the newest complete checkpoint.
+loop (step, log, evaluate, keep the best, stop early, checkpoint) -> sample. Rerunning
+the same command in the same workdir resumes from the newest complete checkpoint.
+
+`config.task`: "lm" (next-token loss; SFT records train on their responses only) or
+"classify" (labels per sequence: BERT's classifier or a decoder with model.num_labels).
+`config.lora.rank` > 0 trains low-rank adapters and the heads `config.lora.trainable`
+names, with every other weight frozen (llmjax.lora).
 """
 
 import dataclasses
@@ -16,18 +21,23 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llmjax import checkpoint, distributed, fit, flops, hf, metrics, optim, sharding
+from llmjax import checkpoint, distributed, fit, flops, hf, lora, metrics, optim, sharding
 from llmjax.config import to_json, validate
-from llmjax.data import loader
+from llmjax.data import classify, loader
 from llmjax.data.tokenizer import Tokenizer
+from llmjax.early_stopping import EarlyStopping
 from llmjax.generate import sample_tokens
 from llmjax.models import DECODERS, family_of, flops_per_token, model_config
 from llmjax.step import (
+    init_finetune_state,
+    init_params,
     init_train_state,
     jit_eval_step,
     jit_train_step,
+    params_layout,
     state_layout,
     train_state_from_params,
 )
@@ -41,7 +51,13 @@ class Data:
 
 
 def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
-    """Sources -> tokenizer -> packed train stream and held-out eval batches (llmjax.data)."""
+    """Sources -> tokenizer -> packed train stream and held-out eval batches (llmjax.data);
+    for classification, labelled rows (llmjax.data.classify)."""
+    if config.task == "classify":
+        return Data(*classify.build(
+            config.data, seed=config.seed, seq_len=config.seq_len,
+            global_batch_size=config.global_batch_size, workdir=workdir,
+            process_index=jax.process_index(), process_count=jax.process_count()))
     tokenizer, train_iter, eval_batches = loader.build(
         config.data, seed=config.seed, seq_len=config.seq_len,
         global_batch_size=config.global_batch_size, eval_batches=config.eval_batches,
@@ -49,14 +65,32 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     return Data(tokenizer, train_iter, eval_batches)
 
 
-def evaluate(eval_step, params, batches, batch_sharding, global_batch_size) -> dict[str, float]:
-    loss_sum, tokens = 0.0, 0.0
+def evaluate(eval_step, params, batches, batch_sharding, global_batch_size, frozen=None,
+             num_labels: int = 0) -> dict[str, float]:
+    """eval/loss and eval/perplexity over `batches`; with `num_labels` (classification)
+    eval/loss, eval/accuracy and eval/f1."""
+    loss_sum, tokens, predicted, labels = 0.0, 0.0, [], []
     for batch in batches:
-        out = eval_step(params, sharding.global_batch(batch, batch_sharding, global_batch_size))
+        placed = sharding.global_batch(batch, batch_sharding, global_batch_size)
+        out = eval_step(params, placed, frozen)
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
+        if num_labels:
+            real = _host(placed["loss_mask"]) > 0
+            predicted.append(_host(out["predictions"])[real])
+            labels.append(_host(placed["labels"])[real])
     loss = loss_sum / max(tokens, 1.0)
+    if num_labels:
+        accuracy, f1 = classify.accuracy_and_f1(np.concatenate(predicted),
+                                                np.concatenate(labels), num_labels)
+        return {"eval/loss": loss, "eval/accuracy": accuracy, "eval/f1": f1}
     return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))}
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -71,17 +105,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, model_cfg = hf.resolve_init_from(config, data.tokenizer.vocab_size)
     else:
         model_cfg = model_config(config.model, data.tokenizer.vocab_size)
-    if family_of(model_cfg) not in DECODERS:
-        raise ValueError(f"config.model.family={family_of(model_cfg)!r}: llmjax.train trains "
-                         f"decoders ({', '.join(DECODERS)}); load classifiers with llmjax.hf")
+    num_labels = getattr(model_cfg, "num_labels", 0) if config.task == "classify" else 0
+    if config.task == "lm" and (family_of(model_cfg) not in DECODERS
+                                or getattr(model_cfg, "num_labels", 0)):
+        raise ValueError(f"config.model.family={family_of(model_cfg)!r} is a classifier: "
+                         "set config.task=classify")
+    if config.task == "classify" and not num_labels:
+        raise ValueError("config.task=classify needs config.model.num_labels > 0")
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_axis_rules(config.mesh.rules)
     schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps)
     tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
     graphdef, abstract_state, state_shardings = state_layout(model_cfg, tx, config.seed,
-                                                             mesh, rules)
+                                                             mesh, rules, config.lora)
+    frozen_shardings = axes = None
+    if lora.enabled(config.lora):  # frozen weights: an argument of the step, not its state
+        _, abstract_params, frozen_shardings = params_layout(model_cfg, config.seed, mesh, rules)
+        axes = lora.logical_axes(abstract_params)
     batch_sharding = sharding.batch_sharding(mesh, rules, config.global_batch_size)
-    num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+    # [batch] arrays (classification labels) are split along the batch like the rest.
+    step_batch_sharding = (batch_sharding if config.task == "lm" else
+                           {k: sharding.rank_sharding(batch_sharding, v.ndim)
+                            for k, v in data.eval_batches[0].items()})
+    num_trainable = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+    num_params = (num_trainable if axes is None
+                  else lora.count(abstract_params) + lora.count(abstract_state.params["adapters"]))
     if jax.process_index() == 0:
         (epath.Path(workdir) / "config.json").write_text(to_json(config))
     logging.info("model: %s parameters; mesh %s; rules %s", f"{num_params:,}",
@@ -96,14 +144,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     peak, peak_source = flops.peak_flops_per_device(config.peak_flops_per_device)
     throughput = metrics.Throughput(flops_per_token(model_cfg, config.seq_len), peak)
     tokens_per_step = config.global_batch_size * config.seq_len
-    summary: dict[str, Any] = {"num_params": num_params, "preempted": False}
+    summary: dict[str, Any] = {"num_params": num_params, "num_trainable": num_trainable,
+                               "trainable_fraction": num_trainable / num_params,
+                               "preempted": False, "early_stopped": False}
+    stopping = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,
+                             int(config.early_stopping.patience))
+    if latest is not None:
+        stopping.replay(metrics.read_records(os.path.join(workdir, "metrics.jsonl")))
+    best_mngr = (checkpoint.manager(workdir, max_to_keep=1, async_save=False,
+                                    subdir=checkpoint.BEST)
+                 if config.early_stopping.metric else None)
     preemption = distributed.Preemption()
 
     with sharding.activate(mesh, rules):
+        frozen = None
+        if axes is not None:  # rebuilt each run (pretrained or seeded), never checkpointed
+            frozen = (hf.load_init_params(config.init_from, model_cfg, frozen_shardings)
+                      if config.init_from else
+                      jax.jit(lambda: init_params(model_cfg, config.seed),
+                              out_shardings=frozen_shardings)())
         if latest is not None:
             state, data_state = checkpoint.restore(mngr, latest, abstract_state, state_shardings)
             data.train_iter.set_state(data_state)
             print(f"Resumed from {mngr.directory}/{latest}", flush=True)
+        elif frozen is not None:
+            state = jax.jit(lambda p: init_finetune_state(p, axes, tx, config.lora, config.seed),
+                            out_shardings=state_shardings)(frozen)
         elif config.init_from:
             params = hf.load_init_params(config.init_from, model_cfg, state_shardings.params)
             state = jax.jit(lambda p: train_state_from_params(p, tx), donate_argnums=0,
@@ -116,19 +182,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_step = jit_train_step(graphdef, tx, schedule,
                                     grad_accum_steps=config.grad_accum_steps,
                                     z_loss=config.z_loss, state_shardings=state_shardings,
-                                    batch_sharding=batch_sharding)
-        eval_step = jit_eval_step(graphdef, state_shardings.params, batch_sharding)
+                                    batch_sharding=step_batch_sharding,
+                                    frozen_shardings=frozen_shardings, lora_cfg=config.lora,
+                                    task=config.task)
+        eval_step = jit_eval_step(graphdef, state_shardings.params, step_batch_sharding,
+                                  frozen_shardings, config.lora, config.task)
         first_step = int(jax.device_get(state.step))
-        print(f"Training {num_params:,} parameters on {jax.device_count()} devices "
+        print(f"Training {num_trainable:,} of {num_params:,} parameters "
+              f"({100 * num_trainable / num_params:.3g}%) on {jax.device_count()} devices "
               f"(mesh {dict(mesh.shape)}), steps {first_step}..{config.num_train_steps}; "
               f"MFU peak: {peak / 1e9:,.0f} GFLOP/s per device ({peak_source})", flush=True)
 
         throughput.reset(first_step)
         compile_start = time.perf_counter()
-        for step in range(first_step + 1, config.num_train_steps + 1):
+        last_step = first_step if stopping.should_stop else config.num_train_steps
+        for step in range(first_step + 1, last_step + 1):
             batch = sharding.global_batch(next(data.train_iter), batch_sharding,
                                           config.global_batch_size)
-            state, train_metrics = train_step(state, batch)
+            state, train_metrics = (train_step(state, batch) if frozen is None
+                                    else train_step(state, batch, frozen))
             if step == first_step + 1:
                 jax.block_until_ready(train_metrics)
                 compile_seconds = time.perf_counter() - compile_start
@@ -141,24 +213,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 summary.update(scalars)
             if step % config.eval_every_steps == 0 or step == config.num_train_steps:
                 eval_metrics = evaluate(eval_step, state.params, data.eval_batches,
-                                        batch_sharding, config.global_batch_size)
+                                        batch_sharding, config.global_batch_size, frozen,
+                                        num_labels)
+                if stopping.update(step, eval_metrics):  # the best so far: keep it
+                    checkpoint.save(best_mngr, step, state, data.train_iter.get_state(),
+                                    config.to_dict())
+                if stopping.metric:
+                    eval_metrics["eval/best_step"] = stopping.best_step
+                if stopping.should_stop:
+                    eval_metrics["eval/early_stopped"] = 1
                 writer.write_scalars(step, eval_metrics)
                 summary.update(eval_metrics)
                 throughput.reset(step)  # keep evaluation out of tokens/s
             preempted = preemption.should_stop(step)
             if (step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
-                    or preempted):
+                    or preempted or stopping.should_stop):
                 checkpoint.save(mngr, step, state, data.train_iter.get_state(),
                                 config.to_dict())
+            if stopping.should_stop:
+                print(f"Early stop at step {step}: {stopping.metric} has not improved for "
+                      f"{stopping.stale} evaluations; best {stopping.best:.4g} at step "
+                      f"{stopping.best_step} ({workdir}/{checkpoint.BEST})", flush=True)
+                summary["early_stopped"] = True
+                break
             if preempted:
                 print(f"Preempted: saved step {step}; rerun the command to resume", flush=True)
                 summary["preempted"] = True
                 break
         mngr.wait_until_finished()
+        if stopping.metric:
+            summary.update({"best_step": stopping.best_step, "best_metric": stopping.best})
 
-        if config.sample.max_new_tokens > 0 and not summary["preempted"]:
+        if (config.sample.max_new_tokens > 0 and not summary["preempted"]
+                and config.task == "lm"):
             prompt = [data.tokenizer.bos_id] + data.tokenizer.encode(config.sample.prompt)
-            ids = sample_tokens(graphdef, state.params, prompt,
+            ids = sample_tokens(graphdef, lora.model_params(state.params, frozen, config.lora),
+                                prompt,
                                 max_new_tokens=config.sample.max_new_tokens,
                                 temperature=config.sample.temperature,
                                 top_k=config.sample.top_k, seed=config.seed)
@@ -167,6 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.flush()
     writer.close()
     mngr.close()
+    if best_mngr is not None:
+        best_mngr.close()
     return summary
 
 

@@ -284,7 +284,8 @@ def test_training_a_classifier_stops_with_a_message(tmp_path):
     config = tiny_config()
     config.model = ml_collections.ConfigDict(dict(
         family="bert", vocab_size=0, embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64))
-    with pytest.raises(ValueError, match="family='bert': llmjax.train trains decoders"):
+    # A classifier trains as a task=classify run (tests/test_finetune.py), not as an LM.
+    with pytest.raises(ValueError, match="family='bert' is a classifier: set config.task"):
         train_and_evaluate(config, str(tmp_path))
 
 

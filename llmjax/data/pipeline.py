@@ -62,6 +62,8 @@ import grain
 import numpy as np
 from absl import flags, logging
 
+from llmjax.data.sources import Chat, Example
+
 Batch = dict[str, np.ndarray]
 # A token document: [bos, ..., eos] ids, or {"tokens": [...], "prompt_length": int} where the
 # first prompt_length tokens are never a target (fine-tuning prompts).
@@ -92,7 +94,9 @@ def tokenize_documents(tokenizer, documents: Sequence[Any]) -> list[TokenDoc]:
 
     A fine-tuning `Example(prompt, response)` becomes {"tokens": [bos] + prompt + response +
     [eos], "prompt_length": 1 + len(prompt ids)}: only the response and eos are targets.
+    A `Chat` is first rendered into such an Example (`render_chat`).
     """
+    documents = [render_chat(tokenizer, d) if isinstance(d, Chat) else d for d in documents]
     texts: list[str] = []
     for document in documents:
         texts.extend([document] if isinstance(document, str) else document)
@@ -107,6 +111,26 @@ def tokenize_documents(tokenizer, documents: Sequence[Any]) -> list[TokenDoc]:
             token_docs.append({"tokens": np.array([bos, *prompt, *response, eos], np.int32),
                                "prompt_length": 1 + len(prompt)})
     return token_docs
+
+
+def render_chat(tokenizer, chat: Chat) -> Example:
+    """Chat -> Example(prompt: every message but the last, rendered with the tokenizer's
+    chat template and its generation prompt; response: the rest of the rendered chat, i.e.
+    the last assistant message with its end-of-turn marker). Without a chat template:
+    "role: content" lines and "assistant: ", then the message."""
+    messages = [{"role": role, "content": content} for role, content in chat.messages]
+    hf_tokenizer = getattr(tokenizer, "hf_tokenizer", None)
+    if hf_tokenizer is None or not getattr(hf_tokenizer, "chat_template", None):
+        history = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1])
+        return Example(history + "assistant: ", messages[-1]["content"])
+    prompt = hf_tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
+                                              tokenize=False)
+    full = hf_tokenizer.apply_chat_template(messages, tokenize=False)
+    response = full[len(prompt):] if full.startswith(prompt) else messages[-1]["content"]
+    bos_text = hf_tokenizer.bos_token
+    if bos_text and prompt.startswith(bos_text):
+        prompt = prompt[len(bos_text):]  # tokenize_documents adds the bos itself
+    return Example(prompt, response)
 
 
 class TokenizedRecords(Sequence):

@@ -11,8 +11,11 @@
                                  tokenized; split `train` by default)
 
 FIELDS is one field (`#body`: plain text) or two joined by `+` (`#prompt+response`): a
-supervised fine-tuning example, trained on the response only. A document is therefore a
-`str` or an `Example(prompt, response)`.
+supervised fine-tuning example, trained on the response only. A field holding chat
+messages (`#messages`: [{"role", "content"}, ...] ending with the assistant's) is a `Chat`,
+rendered with the tokenizer's chat template when it is tokenized and trained on the last
+assistant message only. A document is therefore a `str`, an `Example(prompt, response)`
+or a `Chat(messages)`.
 
 Several sources with weights form a mixture: `prepared:/data/web=0.7,jsonl:/data/chat/*.jsonl=0.3`
 (`parse_mixture`). Nothing here downloads anything.
@@ -47,7 +50,13 @@ class Example(NamedTuple):
     response: str
 
 
-Document = str | Example
+class Chat(NamedTuple):
+    """Chat messages ((role, content), ...), the last one the assistant's: the loss is on it."""
+
+    messages: tuple[tuple[str, str], ...]
+
+
+Document = str | Example | Chat
 # on_bad(reason, where, detail, count=1): called for input records that yield no document.
 OnBad = Callable[..., None]
 
@@ -171,6 +180,8 @@ def read_documents(source: str | SourceSpec, *, data_dir: str | None = None,
 
 def document_text(document: Document) -> str:
     """All the text of a document (prompt and response together for an Example)."""
+    if isinstance(document, Chat):
+        return "\n".join(content for _, content in document.messages)
     return document if isinstance(document, str) else document.prompt + document.response
 
 
@@ -230,6 +241,8 @@ def record_document(spec: SourceSpec, record: Any, where: str, on_bad: OnBad) ->
     values = []
     for field in spec.fields:
         value = record.get(field)
+        if isinstance(value, list) and len(spec.fields) == 1:
+            return _chat(value, where, on_bad)
         if isinstance(value, bytes):
             value = _decode(value, where, on_bad)
             if value is None:
@@ -246,6 +259,19 @@ def record_document(spec: SourceSpec, record: Any, where: str, on_bad: OnBad) ->
             return None
         values.append(value)
     return values[0] if len(values) == 1 else Example(*values)
+
+
+def _chat(messages: list, where: str, on_bad: OnBad) -> Chat | None:
+    try:
+        chat = Chat(tuple((str(m["role"]), str(m["content"])) for m in messages))
+    except (TypeError, KeyError):
+        on_bad(MISSING_FIELD, where, "holds a list that is not chat messages "
+               '([{"role": ..., "content": ...}, ...])')
+        return None
+    if not chat.messages or chat.messages[-1][0] != "assistant":
+        on_bad(MISSING_FIELD, where, "chat messages must end with an assistant message")
+        return None
+    return chat
 
 
 def open_tfds(spec: SourceSpec, data_dir: str | None = None) -> Sequence[Any]:

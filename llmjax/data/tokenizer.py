@@ -82,13 +82,17 @@ class HuggingFaceTokenizer(Tokenizer):
         self.hf_tokenizer = hf_tokenizer
         # len() counts added special tokens too; `.vocab_size` does not.
         self.vocab_size = len(hf_tokenizer)
+        # BERT-style tokenizers have no bos/eos: [CLS] begins (what BERT pools), [SEP] ends.
         eos_id = hf_tokenizer.eos_token_id
+        if eos_id is None:
+            eos_id = hf_tokenizer.sep_token_id
         if eos_id is None:
             raise ValueError(f"data.tokenizer={spec!r} defines no eos token; documents need "
                              "one to end them: use a tokenizer that has one, or bpe:N / byte")
         self.eos_id = eos_id
         # Some tokenizers (GPT-2, Qwen) have no separate bos or pad: the eos id serves.
         bos_id, pad_id = hf_tokenizer.bos_token_id, hf_tokenizer.pad_token_id
+        bos_id = hf_tokenizer.cls_token_id if bos_id is None else bos_id
         self.bos_id = eos_id if bos_id is None else bos_id
         self.pad_id = eos_id if pad_id is None else pad_id
         self._backend: _RustTokenizer | None = getattr(hf_tokenizer, "backend_tokenizer", None)

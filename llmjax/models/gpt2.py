@@ -20,6 +20,7 @@ from llmjax.models.layers import (
     LayerNorm,
     MultiHeadAttention,
     check_choice,
+    classify_last_token,
     constrain,
     param,
     run_blocks,
@@ -36,6 +37,7 @@ class GPT2Config:
     max_positions: int = 1024  # rows of the learned position embedding
     norm_eps: float = 1e-5
     activation: str = "gelu_tanh"  # gelu_tanh (GPT-2's "gelu_new") | gelu (exact)
+    num_labels: int = 0  # > 0: a sequence classifier (last-token pooling), not next-token logits
     init_std: float = 0.02
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
@@ -105,6 +107,9 @@ class GPT2(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.final_norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        if cfg.num_labels:
+            self.score = param(rngs, init, (cfg.embed_dim, cfg.num_labels), ("embed", "labels"),
+                               pdt)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
@@ -112,7 +117,8 @@ class GPT2(nnx.Module):
 
         positions [batch, length] (< max_positions) restart at 0 for each packed
         document (default 0..length-1); segment_ids [batch, length] keep attention
-        inside a document.
+        inside a document. With `num_labels`: class logits [batch, num_labels] from each
+        row's last token whose segment id is not 0 (padding).
         """
         cfg = self.cfg
         dt = DTYPES[cfg.dtype]
@@ -127,6 +133,8 @@ class GPT2(nnx.Module):
         x = run_blocks(self.blocks, x, segment_ids, scan_layers=cfg.scan_layers,
                        remat_policy=cfg.remat_policy)
         x = self.final_norm(x)
+        if cfg.num_labels:
+            return classify_last_token(x, segment_ids, self.score[...].astype(dt))
         logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(dt))
         logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
         return logits.astype(jnp.float32)

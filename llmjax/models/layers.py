@@ -204,6 +204,20 @@ def remat(fn: Callable, policy: str) -> Callable:
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
 
 
+def classify_last_token(x: jax.Array, segment_ids: jax.Array | None,
+                        score: jax.Array) -> jax.Array:
+    """Decoder sequence classification: x [batch, length, embed] at each row's last
+    non-padding token (segment id != 0; the last position without segment ids) times
+    score [embed, num_labels] -> logits [batch, num_labels] float32."""
+    length = x.shape[1]
+    if segment_ids is None:
+        last = jnp.full((x.shape[0],), length - 1)
+    else:
+        last = jnp.max(jnp.where(segment_ids != 0, jnp.arange(length), 0), axis=1)
+    pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    return (pooled @ score).astype(jnp.float32)
+
+
 def run_blocks(blocks: nnx.Module, x: jax.Array, *args, scan_layers: bool,
                remat_policy: str) -> jax.Array:
     """x through a stack of blocks made with nnx.vmap (parameters on a leading `layers`

@@ -22,6 +22,7 @@ from llmjax.models.layers import (
     apply_rope,
     attention,
     check_choice,
+    classify_last_token,
     constrain,
     llama3_rope_scaling,
     param,
@@ -51,6 +52,7 @@ class LlamaConfig:
     max_positions: int = 0  # context length it was trained for (kept for HF export); 0: unset
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    num_labels: int = 0  # > 0: a sequence classifier (last-token pooling), not next-token logits
     init_std: float = 0.02
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
@@ -177,6 +179,9 @@ class Llama(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, init, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"),
                                  pdt)
+        if cfg.num_labels:
+            self.score = param(rngs, init, (cfg.embed_dim, cfg.num_labels), ("embed", "labels"),
+                               pdt)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
@@ -184,6 +189,8 @@ class Llama(nnx.Module):
 
         positions [batch, length] restart at 0 for each packed document (default
         0..length-1); segment_ids [batch, length] keep attention inside a document.
+        With `num_labels`: class logits [batch, num_labels] from each row's last token
+        whose segment id is not 0 (padding).
         """
         cfg = self.cfg
         dt = DTYPES[cfg.dtype]
@@ -195,6 +202,8 @@ class Llama(nnx.Module):
         x = run_blocks(self.blocks, x, cos, sin, segment_ids, scan_layers=cfg.scan_layers,
                        remat_policy=cfg.remat_policy)
         x = self.final_norm(x)
+        if cfg.num_labels:
+            return classify_last_token(x, segment_ids, self.score[...].astype(dt))
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("bld,dv->blv", x, head.astype(dt))
         logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
