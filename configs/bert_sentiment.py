@@ -17,8 +17,8 @@ Expect:   test accuracy about 92-93% (BERT-base on IMDB reaches 93-94% at 512 to
 scratch on a local JSONL of {"text", "label"} records (data.train=jsonl:...; 20% held out):
           python -m llmjax.train --config=configs/bert_sentiment.py:tiny \\
               --config.data.train=jsonl:/tmp/sentiment.jsonl
-On the synthetic sentiment set of tests/test_finetune.py (600 records): 100% held-out
-accuracy in about 30 s on 2 CPU cores (60 steps).
+On the synthetic sentiment set of tests/test_finetune.py (600 records, 120 held out):
+100% held-out accuracy from step 40 of 60, 19 s on a 2-core CPU (measured).
 """
 
 import ml_collections
@@ -61,6 +61,7 @@ def get_config(arg=None):
         config.log_every_steps = 10
         config.eval_every_steps = 20
         config.checkpoint_every_steps = 60
+        config.init_from = ""
         config.data.train = "jsonl:sentiment.jsonl"
         config.data.eval = ""
         config.data.eval_fraction = 0.2
