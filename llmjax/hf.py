@@ -503,14 +503,19 @@ def load_llmjax_model(path: str, *, mesh: jax.sharding.Mesh | None = None,
     return nnx.merge(graphdef, params)
 
 
-def _llmjax_model_config(workdir: str, step: int | None, overrides: dict[str, Any]
-                         ) -> ModelConfig:
+def _run_config(workdir: str) -> dict[str, Any]:
+    """The resolved config (config.json) of an llmjax workdir or import directory."""
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: give an llmjax workdir (or "
                                 "WORKDIR/checkpoints/STEP) or a directory from `import`")
     with open(path) as f:
-        fields = json.load(f)["model"]
+        return json.load(f)
+
+
+def _llmjax_model_config(workdir: str, step: int | None, overrides: dict[str, Any]
+                         ) -> ModelConfig:
+    fields = _run_config(workdir)["model"]
     if not fields.get("vocab_size"):  # taken from the tokenizer at train time
         shapes = checkpoint.params_shapes(workdir, step)
         fields["vocab_size"] = shapes["embed"][0]
@@ -527,8 +532,7 @@ def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
     from llmjax.data.tokenizer import ByteTokenizer
 
     workdir, _ = _workdir_and_step(source)
-    with open(os.path.join(workdir, "config.json")) as f:
-        run = json.load(f)
+    run = _run_config(workdir)
     tokenizer_spec = run.get("data", {}).get("tokenizer", "")
     if run.get("lora", {}).get("rank", 0):  # LoRA: merge the adapters; PEFT files beside
         from llmjax import evaluate, lora
