@@ -122,6 +122,35 @@ def drop_records_after(path: str, step: int) -> None:
     tmp.replace(path)
 
 
+def drop_events_after(logdir: str, step: int) -> None:
+    """Remove TensorBoard summaries past `step` from the event files in `logdir`.
+
+    A run killed after its last checkpoint may have flushed summaries for steps it then
+    repeats on resume; TensorBoard would draw those steps twice. Each file is rewritten
+    beside itself and renamed over the original, so a crash here loses nothing.
+    """
+    import tensorflow as tf  # already loaded by clu's SummaryWriter; deferred for the others
+    from tensorboard.compat.proto import event_pb2
+
+    if not tf.io.gfile.isdir(logdir):
+        return
+    for name in sorted(tf.io.gfile.listdir(logdir)):
+        path = os.path.join(logdir, name)
+        if not name.startswith("events.out.tfevents") or tf.io.gfile.isdir(path):
+            continue
+        records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+        kept = [r for r in records
+                if not ((event := event_pb2.Event.FromString(r)).HasField("summary")
+                        and event.step > step)]
+        if len(kept) == len(records):
+            continue
+        tmp = os.path.join(logdir, "rewriting.tmp")  # no "tfevents" in it: TensorBoard skips it
+        with tf.io.TFRecordWriter(tmp) as out:
+            for record in kept:
+                out.write(record)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
 def create_writer(workdir: str, num_train_steps: int) -> metric_writers.MetricWriter:
     """TensorBoard + metrics.jsonl + console on process 0; nothing on the others."""
     if jax.process_index() != 0:

@@ -165,7 +165,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         add_microbatch, (zeros, zero, zero, zero), microbatches)
 
     denom = jnp.maximum(tokens, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grad_sums)
+    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grad_sums)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

@@ -140,6 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     latest = mngr.latest_step()
     if latest is not None and jax.process_index() == 0:
         metrics.drop_records_after(os.path.join(workdir, "metrics.jsonl"), latest)
+        metrics.drop_events_after(os.path.join(workdir, "tensorboard"), latest)
     writer = metrics.create_writer(workdir, config.num_train_steps)
     peak, peak_source = flops.peak_flops_per_device(config.peak_flops_per_device)
     throughput = metrics.Throughput(flops_per_token(model_cfg, config.seq_len), peak)
@@ -188,6 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_step = jit_eval_step(graphdef, state_shardings.params, step_batch_sharding,
                                   frozen_shardings, config.lora, config.task)
         first_step = int(jax.device_get(state.step))
+        if jax.process_count() > 1:
+            multihost_utils.assert_equal(first_step, "processes start from different steps")
         print(f"Training {num_trainable:,} of {num_params:,} parameters "
               f"({100 * num_trainable / num_params:.3g}%) on {jax.device_count()} devices "
               f"(mesh {dict(mesh.shape)}), steps {first_step}..{config.num_train_steps}; "

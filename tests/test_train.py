@@ -76,6 +76,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     assert "Resumed from" in out
     resumed, straight = losses_by_step(workdir), losses_by_step(tmp_path / "straight")
     assert sorted(resumed) == list(range(1, 41))  # every step once, none twice
+    assert sorted(tensorboard_steps(workdir / "tensorboard", "train/loss")) == sorted(resumed)
     steps_after = [s for s in straight if s > 5]
     np.testing.assert_allclose([resumed[s] for s in steps_after],
                                [straight[s] for s in steps_after], rtol=0, atol=1e-6)
@@ -95,3 +96,34 @@ def test_bad_config_key_fails_with_one_clear_line(tmp_path):
     assert lines == ["error: config.optimizer.schedule='cosin': choose one of "
                      "('cosine', 'linear', 'constant', 'wsd', 'rsqrt')"]
     assert "Traceback" not in err
+
+
+def tensorboard_steps(logdir, tag):
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+
+    steps = []
+    for name in sorted(os.listdir(logdir)):
+        for record in tf.data.TFRecordDataset(os.path.join(logdir, name)):
+            event = event_pb2.Event.FromString(record.numpy())
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+def test_resume_drops_tensorboard_points_past_the_checkpoint(tmp_path):
+    from clu import metric_writers
+
+    from llmjax import metrics
+
+    logdir = str(tmp_path / "tensorboard")
+    first = metric_writers.SummaryWriter(logdir)  # a run that logged 1..8, checkpointed at 5
+    for step in range(1, 9):
+        first.write_scalars(step, {"train/loss": 10.0 - step})
+    first.close()
+    metrics.drop_events_after(logdir, 5)
+    time.sleep(1.1)  # event file names carry the second they were opened in
+    resumed = metric_writers.SummaryWriter(logdir)
+    for step in range(6, 11):
+        resumed.write_scalars(step, {"train/loss": 1.0})
+    resumed.close()
+    assert sorted(tensorboard_steps(logdir, "train/loss")) == list(range(1, 11))
