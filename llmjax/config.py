@@ -77,9 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1: all remaining devices
+    c.mesh.sequence = 1  # splits activations along the sequence (long contexts)
     c.mesh.tensor = 1
     c.mesh.dcn_data = 1  # across slices (multislice)
     c.mesh.dcn_fsdp = 1
+    c.mesh.dcn_sequence = 1
     c.mesh.dcn_tensor = 1
     c.mesh.rules = "fsdp+tp"
 

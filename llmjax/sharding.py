@@ -1,12 +1,19 @@
 """Meshes, logical-axis rules, and placing state and batches on devices.
 
 Parameters and activations carry logical axis names (see llmjax.models.layers). One
-table per strategy maps those names to the mesh axes `data`, `fsdp` and `tensor`:
+table per strategy maps those names to the mesh axes `data`, `fsdp`, `sequence` and
+`tensor`:
 
     dp       parameters replicated, batch split over data x fsdp
     fsdp     parameters split along `embed` over fsdp (ZeRO-3 style)
     tp       heads / kv_heads / mlp / vocab split over tensor (Megatron style)
     fsdp+tp  both (the default; with an axis of size 1 it reduces to the others)
+
+Every preset also splits activations along their length over `sequence` (sequence or
+context parallelism, for long sequences): each device computes the queries of its slice
+of the sequence against keys and values gathered whole (see llmjax.models.layers.attention).
+Parameters are replicated over `sequence`, as over `data`. With `sequence` = 1 (the
+default) nothing changes.
 """
 
 import contextlib
@@ -21,17 +28,18 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 _BATCH = ("act_batch", ("data", "fsdp"))
+_SEQUENCE = ("act_length", "sequence")
 _FSDP = (("embed", "fsdp"),)
 _TP = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
        ("act_heads", "tensor"), ("act_mlp", "tensor"), ("act_vocab", "tensor"))
 RULE_PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
-    "dp": (_BATCH,),
-    "fsdp": (_BATCH, *_FSDP),
-    "tp": (_BATCH, *_TP),
-    "fsdp+tp": (_BATCH, *_FSDP, *_TP),
+    "dp": (_BATCH, _SEQUENCE),
+    "fsdp": (_BATCH, _SEQUENCE, *_FSDP),
+    "tp": (_BATCH, _SEQUENCE, *_TP),
+    "fsdp+tp": (_BATCH, _SEQUENCE, *_FSDP, *_TP),
 }
 
 
@@ -58,8 +66,8 @@ def _resolve_degrees(degrees: Sequence[int], total: int, what: str) -> list[int]
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The device mesh from `config.mesh` (ICI degrees `data`, `fsdp`, `tensor`, -1 = the
-    rest; DCN degrees `dcn_data`, `dcn_fsdp`, `dcn_tensor` across slices)."""
+    """The device mesh from `config.mesh` (ICI degrees `data`, `fsdp`, `sequence`,
+    `tensor`, -1 = the rest; DCN degrees `dcn_data` ... `dcn_tensor` across slices)."""
     devices = list(devices if devices is not None else jax.devices())
     dcn = [int(mesh_cfg.get(f"dcn_{axis}", 1)) for axis in MESH_AXES]
     num_slices = math.prod(dcn)
@@ -154,6 +162,15 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]],
         if global_batch_size % shards:
             raise ValueError(f"config.global_batch_size={global_batch_size} must be a multiple "
                              f"of the {shards} batch shards of mesh {dict(mesh.shape)}")
+    # Each process feeds its own devices' rows, so the devices that share rows (a
+    # sequence x tensor group) must belong to one process.
+    owners: dict[Any, set[int]] = {}
+    for device, index in sharding.devices_indices_map((mesh.size, 1)).items():
+        owners.setdefault(index[0].indices(mesh.size), set()).add(device.process_index)
+    if any(len(processes) > 1 for processes in owners.values()):
+        raise ValueError(f"config.mesh {dict(mesh.shape)}: the devices that share batch rows "
+                         f"(the sequence x tensor axes) span several processes; keep "
+                         f"sequence x tensor within the devices of one host")
     return sharding
 
 

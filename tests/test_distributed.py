@@ -150,7 +150,7 @@ def test_fit_check_llama3_8b_on_a_v5p_128_mesh():
                     "--config.grad_accum_steps=4"], devices=1)
     assert result.returncode == 0, result.stderr[-3000:]
     report = dict(re.findall(r"^(.+?)\s{2,}(.+)$", result.stdout, re.M))
-    assert report["mesh"].startswith("{'data': 1, 'fsdp': 64, 'tensor': 1} (64 devices)")
+    assert report["mesh"].startswith("{'data': 1, 'fsdp': 64, 'sequence': 1, 'tensor': 1} (64")
     gib = 2.0**30
     params = float(report["parameters / device"].split()[0])
     optimizer = float(report["optimizer state / device"].split()[0])

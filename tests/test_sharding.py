@@ -1,5 +1,5 @@
-"""The same losses on 1 device and on 8-device meshes; accumulation == one full batch;
-the Llama 3 8B config's abstract state is fully sharded."""
+"""The same losses on 1 device and on 8-device meshes (sequence parallelism included);
+accumulation == one full batch; the Llama 3 8B config's abstract state is fully sharded."""
 
 import math
 
@@ -61,8 +61,11 @@ def single_device():
                                        dict(data=2, fsdp=4, tensor=1),
                                        dict(data=1, fsdp=2, tensor=4),
                                        dict(data=2, fsdp=1, tensor=4, rules="tp"),
-                                       dict(data=8, fsdp=1, tensor=1, rules="dp")],
-                         ids=["data8", "data2_fsdp4", "fsdp2_tensor4", "tp", "dp"])
+                                       dict(data=8, fsdp=1, tensor=1, rules="dp"),
+                                       dict(data=2, sequence=4),
+                                       dict(fsdp=2, sequence=2, tensor=2)],
+                         ids=["data8", "data2_fsdp4", "fsdp2_tensor4", "tp", "dp",
+                              "data2_sequence4", "fsdp2_sequence2_tensor2"])
 def test_mesh_gives_single_device_losses(single_device, mesh_axes):
     assert len(jax.devices()) == 8
     reference, reference_state = single_device

@@ -34,6 +34,22 @@ def constrain(x: jax.Array, axes: Sequence[str]) -> jax.Array:
     return linen.with_logical_constraint(x, tuple(axes))
 
 
+def gather_length(x: jax.Array) -> jax.Array:
+    """x [batch, length, ...] whole along its length on every device, when the rules in scope
+    split activations along the length (sequence parallelism); other dims are left to the
+    compiler. Keys and values go through this: each device's queries see every key."""
+    mesh = jax.sharding.get_abstract_mesh()
+    length_axes = linen.logical_to_mesh_axes(("act_length",))[0]
+    if mesh.empty or length_axes is None:
+        return x
+    length_axes = (length_axes,) if isinstance(length_axes, str) else tuple(length_axes)
+    if math.prod(mesh.shape[a] for a in length_axes) == 1:
+        return x
+    batch = linen.logical_to_mesh_axes(("act_batch",))[0]
+    rest = (jax.sharding.PartitionSpec.UNCONSTRAINED,) * (x.ndim - 2)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(batch, None, *rest))
+
+
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale, computed in float32, returned in the input dtype."""
 
@@ -117,6 +133,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     it (Mistral). Returns [batch, length, heads, head_dim].
     `implementation`: None (let JAX choose), "xla" or "cudnn".
     """
+    k, v = gather_length(k), gather_length(v)
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
