@@ -192,7 +192,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if jax.process_count() > 1:
             multihost_utils.assert_equal(first_step, "processes start from different steps")
         print(f"Training {num_trainable:,} of {num_params:,} parameters "
-              f"({100 * num_trainable / num_params:.3g}%) on {jax.device_count()} devices "
+              f"({100 * num_trainable / num_params:.3g}%) on {jax.device_count()} device"
+              f"{'s' if jax.device_count() != 1 else ''} "
               f"(mesh {dict(mesh.shape)}), steps {first_step}..{config.num_train_steps}; "
               f"MFU peak: {peak / 1e9:,.0f} GFLOP/s per device ({peak_source})", flush=True)
 
