@@ -5,7 +5,8 @@ Run (on every host of a TPU pod, e.g. v5p-128; see launch/ and the README):
         --config.data.tokenizer=/path/to/Meta-Llama-3-8B --config.data.train='text:/data/*.txt' \
         --workdir=gs://BUCKET/runs/llama3_8b
 Hardware: a TPU v5p-128 or v4-128 slice, or 16+ 80 GB GPUs (the FSDP degree is every
-          device; add --config.mesh.tensor=4 for tensor parallelism within hosts).
+          device; add --config.mesh.tensor=4 --config.mesh.rules=fsdp+tp for tensor
+          parallelism within hosts).
 Expect:   the real Llama 3 8B dimensions (8.03B parameters); the test suite builds its
           abstract state and shardings on 8 simulated CPU devices without weights.
 """

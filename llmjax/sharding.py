@@ -153,7 +153,21 @@ def like_params(tree: Any, params: Any, params_shardings: Any, mesh: Mesh) -> An
 
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]],
                    global_batch_size: int | None = None) -> NamedSharding:
-    """Sharding of a [batch, length] input array (checked against the batch size if given)."""
+    """Sharding of a [batch, length] input array (checked against the batch size if given).
+
+    Also where the mesh meets the rules: a mesh axis of size > 1 that no rule uses would
+    have its devices repeat each other's work, so it is refused here.
+    """
+    used = {axis for _, target in rules
+            for axis in ((target,) if isinstance(target, str) else tuple(target or ()))}
+    for axis, size in mesh.shape.items():
+        if size > 1 and axis not in used:
+            names = sorted(name for name, preset in RULE_PRESETS.items()
+                           if any(axis in ((t,) if isinstance(t, str) else tuple(t or ()))
+                                  for _, t in preset))
+            raise ValueError(f"config.mesh.{axis}={size} but the rules map nothing onto it "
+                             f"(its devices would all do the same work); choose "
+                             f"config.mesh.rules from {names} or set config.mesh.{axis}=1")
     spec = linen.logical_to_mesh_axes(("act_batch", None), rules)
     sharding = NamedSharding(mesh, spec)
     if global_batch_size is not None:

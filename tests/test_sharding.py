@@ -114,3 +114,10 @@ def test_llama3_8b_abstract_state_is_sharded():
                 shard = s.shard_shape(leaf.shape)
                 assert math.prod(shard) * 8 == math.prod(leaf.shape), (leaf.shape, s.spec)
     assert big == 3 * 9  # embed, head, q, k, v, o, gate, up, down: params, mu, nu
+
+
+def test_a_mesh_axis_the_rules_ignore_is_refused():
+    mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=4))
+    with pytest.raises(ValueError, match=r"config\.mesh\.tensor=4 .*\['fsdp\+tp', 'tp'\]"):
+        sharding.batch_sharding(mesh, sharding.logical_axis_rules("fsdp"))
+    sharding.batch_sharding(mesh, sharding.logical_axis_rules("fsdp+tp"))  # uses it: fine
