@@ -113,6 +113,28 @@ def test_bpe_trains_saves_loadable_dir_and_reuses_it(tmp_path):
     assert tokenizer.load_tokenizer(str(saved), None, None).encode(TEXT) == ids
 
 
+def test_bpe_in_an_object_store_workdir(tmp_path, monkeypatch):
+    """A gs:// workdir, played by TensorFlow's in-memory ram:// filesystem: the trained
+    tokenizer goes there (marker last), a rerun loads it back, nothing lands locally."""
+    from tensorflow.io import gfile
+
+    monkeypatch.chdir(tmp_path)
+    workdir = "ram://bucket/runs/bpe"
+    documents = sources.read_documents("bundled:shakespeare")[:10]
+    tok = tokenizer.load_tokenizer("bpe:512", documents, workdir)
+    remote = sorted(gfile.listdir(workdir + "/tokenizer"))
+    assert "tokenizer.json" in remote and tokenizer.REMOTE_COMPLETE in remote
+    assert not list(tmp_path.iterdir())  # no stray local "ram:" directory
+    again = tokenizer.load_tokenizer("bpe:512", None, workdir)  # loaded, not retrained
+    assert again.encode(TEXT) == tok.encode(TEXT) and again.vocab_size == 512
+    direct = tokenizer.load_tokenizer(workdir + "/tokenizer")
+    assert direct.encode(TEXT) == tok.encode(TEXT)
+    # Without the marker the upload counts as unfinished: nothing to train on is an error.
+    gfile.remove(workdir + "/tokenizer/" + tokenizer.REMOTE_COMPLETE)
+    with pytest.raises(ValueError, match="no documents to train on"):
+        tokenizer.load_tokenizer("bpe:512", None, workdir)
+
+
 def test_directory_tokenizer_without_bos_or_pad_uses_eos(tmp_path):
     # Like GPT-2: one special token ends documents and also stands in for bos and pad.
     raw = tokenizer.train_bpe(["a small corpus, a small corpus"], 300)

@@ -7,6 +7,10 @@
                  library and saved to `{workdir}/tokenizer/`; a resumed run loads that directory
                  instead of retraining, so token ids never change mid-run
     byte         UTF-8 bytes, no training: ids 0/1/2 are pad/bos/eos, byte b is id b + 3
+
+DIR and the workdir may be object-store URLs (gs://...): a trained tokenizer is written
+there file by file with a completion marker last (object stores cannot rename a directory),
+and a remote DIR is copied to a local scratch directory to be loaded.
 """
 
 import hashlib
@@ -27,6 +31,7 @@ PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
 TOKENIZER_SUBDIR = "tokenizer"
 TRAINABLE = ("bpe", "unigram")  # what `train_tokenizer` (and `llmjax.prepare`) can train
+REMOTE_COMPLETE = "llmjax_tokenizer_complete"  # written last into a remote tokenizer directory
 
 
 class Tokenizer:
@@ -129,6 +134,8 @@ def load_tokenizer(spec: str, documents: Sequence[str] | None = None,
             raise ValueError(f"data.tokenizer={spec!r} needs a workdir to save the trained "
                              "tokenizer in")
         return _load_or_train_bpe(spec, int(vocab_size), documents, workdir)
+    if _is_remote(spec):
+        return _load_remote_directory(spec, spec)
     if os.path.isdir(os.path.expanduser(spec)):
         return _load_directory(spec, os.path.expanduser(spec))
     raise ValueError(f"data.tokenizer={spec!r} is not a directory, 'bpe:VOCAB_SIZE' or 'byte'; "
@@ -201,8 +208,14 @@ def fingerprint(tokenizer: Tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
 def _load_or_train_bpe(spec: str, vocab_size: int, documents: Sequence[str] | None,
                        workdir: str) -> Tokenizer:
+    if _is_remote(workdir):
+        return _load_or_train_remote_bpe(spec, vocab_size, documents, workdir)
     directory = os.path.join(os.path.expanduser(workdir), TOKENIZER_SUBDIR)
     if not os.path.isdir(directory):
         if not documents:
@@ -212,12 +225,50 @@ def _load_or_train_bpe(spec: str, vocab_size: int, documents: Sequence[str] | No
     return _load_directory(spec, directory)
 
 
-def _load_directory(spec: str, directory: str) -> Tokenizer:
+def _load_directory(spec: str, directory: str, shown: str | None = None) -> Tokenizer:
     try:
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory,
                                                                   local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"data.tokenizer={spec!r}: transformers cannot load a tokenizer from "
-                         f"{directory} ({str(e).splitlines()[0]}); point it at a directory "
-                         "written by save_pretrained") from None
+                         f"{shown or directory} ({str(e).splitlines()[0]}); point it at a "
+                         "directory written by save_pretrained") from None
     return HuggingFaceTokenizer(hf_tokenizer, spec)
+
+
+def _load_or_train_remote_bpe(spec: str, vocab_size: int, documents: Sequence[str] | None,
+                              workdir: str) -> Tokenizer:
+    """`bpe:N` with a gs:// (or other object-store) workdir: trained once, uploaded file by
+    file with the completion marker last, so a half-uploaded tokenizer is never loaded."""
+    from tensorflow.io import gfile  # TensorFlow's filesystems speak gs://; loaded on demand
+
+    directory = workdir.rstrip("/") + "/" + TOKENIZER_SUBDIR
+    if not gfile.exists(directory + "/" + REMOTE_COMPLETE):
+        if not documents:
+            raise ValueError(f"data.tokenizer={spec!r}: no documents to train on and no "
+                             f"saved tokenizer in {directory}")
+        with tempfile.TemporaryDirectory() as scratch:
+            local = os.path.join(scratch, TOKENIZER_SUBDIR)
+            save_trained(train_bpe(documents, vocab_size), local)
+            gfile.makedirs(directory)
+            for name in sorted(os.listdir(local)):
+                gfile.copy(os.path.join(local, name), directory + "/" + name, overwrite=True)
+        with gfile.GFile(directory + "/" + REMOTE_COMPLETE, "w") as marker:
+            marker.write("complete\n")
+    return _load_remote_directory(spec, directory)
+
+
+def _load_remote_directory(spec: str, directory: str) -> Tokenizer:
+    """Copy a tokenizer directory from an object store to a local scratch one and load it
+    (the tokenizer lives in memory after loading; the copy is removed)."""
+    from tensorflow.io import gfile
+
+    directory = directory.rstrip("/")
+    if not gfile.isdir(directory):
+        raise ValueError(f"data.tokenizer={spec!r}: {directory} is not a directory")
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in gfile.listdir(directory):
+            name = name.rstrip("/")
+            if name != REMOTE_COMPLETE and not gfile.isdir(directory + "/" + name):
+                gfile.copy(directory + "/" + name, os.path.join(scratch, name), overwrite=True)
+        return _load_directory(spec, scratch, shown=directory)
