@@ -59,14 +59,25 @@ class Preemption:
 
     Several processes: JAX's coordination service turns a SIGTERM (or a TPU maintenance
     notice) on any host into one agreed step for all of them. A single process: our own
-    SIGTERM handler, checked at the next step boundary.
+    SIGTERM handler, checked at the next step boundary, installed for the `with` block
+    only: after training, SIGTERM means "stop" again (worker processes forked later, e.g.
+    by llmjax.prepare in the same interpreter, must still die when their pool ends).
     """
 
     def __init__(self):
         self._received = threading.Event()
         self._multi_process = jax.process_count() > 1
+        self._previous = None
+
+    def __enter__(self) -> "Preemption":
         if not self._multi_process and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
     def _on_sigterm(self, signum, frame):
         del signum, frame

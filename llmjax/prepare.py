@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import sys
 import time
 from collections import Counter, defaultdict
@@ -153,7 +154,8 @@ def prepare(options: Options, show_progress: bool = True) -> dict[str, Any]:
     # those runs start fresh worker processes instead (slower to start).
     forkable = sys.platform == "linux" and all(spec.kind != "tfds" for spec in specs)
     context = multiprocessing.get_context("fork" if forkable else "spawn")
-    with (context.Pool(num_workers) if num_workers > 1 else _InlinePool()) as pool:
+    with (context.Pool(num_workers, initializer=_worker_signals) if num_workers > 1
+          else _InlinePool()) as pool:
         # 1. read + clean
         clock = time.perf_counter()
         read = functools.partial(_read_and_clean, specs=specs, options=options, work=work)
@@ -670,6 +672,11 @@ def format_report(report: dict[str, Any]) -> str:
 
 def _docs_path(summary: dict) -> str:
     return summary["docs_path"]
+
+
+def _worker_signals() -> None:
+    """A pool worker dies on SIGTERM (Pool.terminate), whatever handler it was forked with."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _InlinePool:

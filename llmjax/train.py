@@ -155,9 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     best_mngr = (checkpoint.manager(workdir, max_to_keep=1, async_save=False,
                                     subdir=checkpoint.BEST)
                  if config.early_stopping.metric else None)
-    preemption = distributed.Preemption()
-
-    with sharding.activate(mesh, rules):
+    with distributed.Preemption() as preemption, sharding.activate(mesh, rules):
         frozen = None
         if axes is not None:  # rebuilt each run (pretrained or seeded), never checkpointed
             frozen = (hf.load_init_params(config.init_from, model_cfg, frozen_shardings)

@@ -30,7 +30,9 @@ def test_loss_falls_on_bundled_corpus(tmp_path):
                          **{"model.embed_dim": 64, "model.mlp_dim": 128,
                             "optimizer.warmup_steps": 10, "sample.max_new_tokens": 16,
                             "sample.prompt": "ROMEO:"})
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
     summary = train_and_evaluate(config, str(tmp_path))
+    assert signal.getsignal(signal.SIGTERM) is sigterm_handler  # preemption handler removed
     records = read_metrics(tmp_path)
     evals = [r["eval/loss"] for r in records if "eval/loss" in r]
     first_loss = records[1]["train/loss"]

@@ -34,16 +34,29 @@ def constrain(x: jax.Array, axes: Sequence[str]) -> jax.Array:
     return linen.with_logical_constraint(x, tuple(axes))
 
 
+def length_is_split() -> bool:
+    """Whether the mesh and rules in scope split activations along their length."""
+    mesh = jax.sharding.get_abstract_mesh()
+    length_axes = linen.logical_to_mesh_axes(("act_length",))[0]
+    if mesh.empty or length_axes is None:
+        return False
+    length_axes = (length_axes,) if isinstance(length_axes, str) else tuple(length_axes)
+    return math.prod(mesh.shape[a] for a in length_axes) > 1
+
+
+def constrain_tokens(x: jax.Array, last: str) -> jax.Array:
+    """`constrain` for activations [batch, length, `last`] or, flattened, [batch * length,
+    `last`] (rows batch-major, so the batch sharding of the first dim is the same)."""
+    if x.ndim == 2:
+        return constrain(x, ("act_batch", last))
+    return constrain(x, ("act_batch", "act_length", last))
+
+
 def gather_length(x: jax.Array) -> jax.Array:
     """x [batch, length, ...] whole along its length on every device, when the rules in scope
     split activations along the length (sequence parallelism); other dims are left to the
     compiler. Keys and values go through this: each device's queries see every key."""
-    mesh = jax.sharding.get_abstract_mesh()
-    length_axes = linen.logical_to_mesh_axes(("act_length",))[0]
-    if mesh.empty or length_axes is None:
-        return x
-    length_axes = (length_axes,) if isinstance(length_axes, str) else tuple(length_axes)
-    if math.prod(mesh.shape[a] for a in length_axes) == 1:
+    if not length_is_split():
         return x
     batch = linen.logical_to_mesh_axes(("act_batch",))[0]
     rest = (jax.sharding.PartitionSpec.UNCONSTRAINED,) * (x.ndim - 2)
