@@ -8,13 +8,12 @@ Expect:   about 4 minutes on 2 cores; one table with llmjax, the plain-JAX refer
           and HF torch eager (sdpa) on the same Llama-style model (vocab 8192, hidden
           512, 8 layers, 8 heads, SwiGLU 1408, untied, fp32; batch 8 x 512, AdamW).
           Measured 2026-12-01 on 2 cores (median tok/s, one interleaved run): llmjax
-          726, plain JAX 990, HF torch eager 790, llmjax + mimalloc 542.
-Where the gap to plain JAX comes from (same machine, same day): the reference keeps the
-residual stream flat as (batch * seq, embed), which XLA:CPU runs about 19% faster than
-the (batch, seq, embed) layout llmjax shares with its sharding rules (baselines.py's own
-bsd-layout variant: 4.55 s/step against 3.80); segment ids (the packed batches that
-training feeds) cost about 5% more (--nopacked leaves them out). Both measured on CPU
-only.
+          815, plain JAX 979, HF torch eager 734, llmjax + mimalloc 556.
+The rest of the gap to plain JAX, measured on CPU: segment ids (the packed batches that
+training feeds; the reference has none) cost about 5% (--nopacked leaves them out), and
+the microbatch scan about 3%. The flat (batch * seq, embed) residual stream that both
+use is worth about 20% on XLA:CPU (llmjax went from 730 to 876 tok/s with --nopacked
+when it adopted it; baselines.py's own 3-D variant runs 4.55 s/step against 3.80).
 Besides the reference: AdamW here masks weight decay off the norm scales (optax.adamw in
 baselines.py decays them too); it costs no time.
 """
