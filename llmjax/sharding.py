@@ -43,6 +43,18 @@ RULE_PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
 }
 
 
+def mesh_axes(target: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A rule target or PartitionSpec entry (None, one mesh axis, or several) as a tuple."""
+    if target is None:
+        return ()
+    return (target,) if isinstance(target, str) else tuple(target)
+
+
+def rules_axes(rules: Sequence[tuple[str, Any]]) -> set[str]:
+    """The mesh axes that `rules` map some logical axis onto."""
+    return {axis for _, target in rules for axis in mesh_axes(target)}
+
+
 def logical_axis_rules(name: str) -> tuple[tuple[str, Any], ...]:
     if name not in RULE_PRESETS:
         raise ValueError(f"config.mesh.rules={name!r}: choose one of {sorted(RULE_PRESETS)}")
@@ -103,11 +115,7 @@ def mesh_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], logical: Sequenc
     spec = linen.logical_to_mesh_axes(tuple(logical), rules)
     dims = []
     for size, axes in zip(shape, spec):
-        if axes is None:
-            dims.append(None)
-            continue
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        kept = tuple(a for a in axes if mesh.shape[a] > 1)
+        kept = tuple(a for a in mesh_axes(axes) if mesh.shape[a] > 1)
         while kept and size % math.prod(mesh.shape[a] for a in kept):
             kept = kept[:-1]
         dims.append(kept[0] if len(kept) == 1 else (kept or None))
@@ -158,21 +166,18 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]],
     Also where the mesh meets the rules: a mesh axis of size > 1 that no rule uses would
     have its devices repeat each other's work, so it is refused here.
     """
-    used = {axis for _, target in rules
-            for axis in ((target,) if isinstance(target, str) else tuple(target or ()))}
+    used = rules_axes(rules)
     for axis, size in mesh.shape.items():
         if size > 1 and axis not in used:
             names = sorted(name for name, preset in RULE_PRESETS.items()
-                           if any(axis in ((t,) if isinstance(t, str) else tuple(t or ()))
-                                  for _, t in preset))
+                           if axis in rules_axes(preset))
             raise ValueError(f"config.mesh.{axis}={size} but the rules map nothing onto it "
                              f"(its devices would all do the same work); choose "
                              f"config.mesh.rules from {names} or set config.mesh.{axis}=1")
     spec = linen.logical_to_mesh_axes(("act_batch", None), rules)
     sharding = NamedSharding(mesh, spec)
     if global_batch_size is not None:
-        axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-        shards = math.prod(mesh.shape[a] for a in axes if a is not None)
+        shards = math.prod(mesh.shape[a] for a in mesh_axes(spec[0]))
         if global_batch_size % shards:
             raise ValueError(f"config.global_batch_size={global_batch_size} must be a multiple "
                              f"of the {shards} batch shards of mesh {dict(mesh.shape)}")

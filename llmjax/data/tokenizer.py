@@ -214,14 +214,29 @@ def _is_remote(path: str) -> bool:
 
 def _load_or_train_bpe(spec: str, vocab_size: int, documents: Sequence[str] | None,
                        workdir: str) -> Tokenizer:
-    if _is_remote(workdir):
-        return _load_or_train_remote_bpe(spec, vocab_size, documents, workdir)
-    directory = os.path.join(os.path.expanduser(workdir), TOKENIZER_SUBDIR)
-    if not os.path.isdir(directory):
+    """`bpe:N`: the tokenizer saved in the workdir, trained and saved there first if absent.
+
+    An object-store workdir (gs://) gets the files one by one with a completion marker
+    last, so a half-uploaded tokenizer is never taken for a saved one.
+    """
+    remote = _is_remote(workdir)
+    if remote:
+        from tensorflow.io import gfile  # TensorFlow's filesystems speak gs://; on demand
+        directory = workdir.rstrip("/") + "/" + TOKENIZER_SUBDIR
+        saved = gfile.exists(directory + "/" + REMOTE_COMPLETE)
+    else:
+        directory = os.path.join(os.path.expanduser(workdir), TOKENIZER_SUBDIR)
+        saved = os.path.isdir(directory)
+    if not saved:
         if not documents:
             raise ValueError(f"data.tokenizer={spec!r}: no documents to train on and no "
                              f"saved tokenizer in {directory}")
-        save_trained(train_bpe(documents, vocab_size), directory)
+        if remote:
+            _upload_trained(train_bpe(documents, vocab_size), directory)
+        else:
+            save_trained(train_bpe(documents, vocab_size), directory)
+    if remote:
+        return _load_remote_directory(spec, directory)
     return _load_directory(spec, directory)
 
 
@@ -236,26 +251,19 @@ def _load_directory(spec: str, directory: str, shown: str | None = None) -> Toke
     return HuggingFaceTokenizer(hf_tokenizer, spec)
 
 
-def _load_or_train_remote_bpe(spec: str, vocab_size: int, documents: Sequence[str] | None,
-                              workdir: str) -> Tokenizer:
-    """`bpe:N` with a gs:// (or other object-store) workdir: trained once, uploaded file by
-    file with the completion marker last, so a half-uploaded tokenizer is never loaded."""
-    from tensorflow.io import gfile  # TensorFlow's filesystems speak gs://; loaded on demand
+def _upload_trained(raw: _RustTokenizer, directory: str) -> None:
+    """`save_trained` into an object-store `directory`: saved locally, copied file by file,
+    then the completion marker."""
+    from tensorflow.io import gfile
 
-    directory = workdir.rstrip("/") + "/" + TOKENIZER_SUBDIR
-    if not gfile.exists(directory + "/" + REMOTE_COMPLETE):
-        if not documents:
-            raise ValueError(f"data.tokenizer={spec!r}: no documents to train on and no "
-                             f"saved tokenizer in {directory}")
-        with tempfile.TemporaryDirectory() as scratch:
-            local = os.path.join(scratch, TOKENIZER_SUBDIR)
-            save_trained(train_bpe(documents, vocab_size), local)
-            gfile.makedirs(directory)
-            for name in sorted(os.listdir(local)):
-                gfile.copy(os.path.join(local, name), directory + "/" + name, overwrite=True)
-        with gfile.GFile(directory + "/" + REMOTE_COMPLETE, "w") as marker:
-            marker.write("complete\n")
-    return _load_remote_directory(spec, directory)
+    with tempfile.TemporaryDirectory() as scratch:
+        local = os.path.join(scratch, TOKENIZER_SUBDIR)
+        save_trained(raw, local)
+        gfile.makedirs(directory)
+        for name in sorted(os.listdir(local)):
+            gfile.copy(os.path.join(local, name), directory + "/" + name, overwrite=True)
+    with gfile.GFile(directory + "/" + REMOTE_COMPLETE, "w") as marker:
+        marker.write("complete\n")
 
 
 def _load_remote_directory(spec: str, directory: str) -> Tokenizer:
