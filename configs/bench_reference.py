@@ -1,6 +1,7 @@
 """The model, batch and optimizer of ../shared/bench/baselines.py, for llmjax.bench.
 
-Run:      python -m llmjax.bench --config=configs/bench_reference.py --reference
+Run:      python -m llmjax.bench --config=configs/bench_reference.py \
+              --reference=../shared/bench/baselines.py
 Hardware: a CPU (the reference numbers were taken on 2 AVX2 cores); needs torch and
           transformers for the HF row (the `test` extra) and, for the mimalloc row,
           cmeel-mimalloc (the `cpu-fast` extra).

@@ -8,7 +8,7 @@ BERT classifier see configs/bert_sentiment.py, which trains with config.task="cl
                print(build_model(model_config(get_config().model), 0))"
 Hardware: any; a CPU runs it.
 Expect:   109,483,778 parameters: google-bert/bert-base-uncased's 109,482,240 plus the
-          classifier (tests/test_hf.py checks it). A checkpoint without a classifier (the
+          classifier (tests/integration/test_hf.py checks it). A checkpoint without a classifier (the
           released one) loads with a fresh one, as in transformers.
 """
 
@@ -21,6 +21,7 @@ def get_config(arg=None):
     del arg
     config = base_config()
     config.name = "bert_base"
+    config.task = "classify"  # a BERT trains as a classifier (a masked-LM task is to come)
     config.seq_len = 512
     config.data.tokenizer = "bert-base-uncased"  # a local directory with the BERT tokenizer
     config.model = ml_collections.ConfigDict(dict(

@@ -5,9 +5,9 @@
         --config=configs/shakespeare.py --workdir=runs/two_processes
 
 Each process gets the coordinator address, the process count and its id (through
-LLMJAX_* variables read by llmjax.distributed), and on CPU its own simulated devices.
+LLMJAX_* variables read by llmjax.parallel.distributed), and on CPU its own simulated devices.
 Output lines are prefixed with [pN]. If one process fails, the others are stopped.
-`--dry-run` prints the exact commands instead of running them.
+`--dry_run` prints the exact commands instead of running them.
 """
 
 import argparse
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
                         help="simulate this many CPU devices per process (0: real devices)")
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
     parser.add_argument("--python", default=sys.executable)
-    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     args, train_args = parser.parse_known_args(argv)
     train_args = [a for a in train_args if a != "--"]
     plan = commands(args, train_args)

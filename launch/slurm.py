@@ -2,9 +2,9 @@
 """Train on a GPU cluster with Slurm: one process per node, all of the node's GPUs.
 
     python launch/slurm.py --nodes=4 --gpus_per_node=8 [--partition=P] [--time=24:00:00] \
-        [--dry-run] -- --config=configs/llama3_8b.py --workdir=/shared/runs/llama8b
+        [--dry_run] -- --config=configs/llama3_8b.py --workdir=/shared/runs/llama8b
 
-Writes an sbatch script beside the workdir (or prints it with --dry-run) and submits it.
+Writes an sbatch script beside the workdir (or prints it with --dry_run) and submits it.
 `srun` starts `python -m llmjax.train` on every node; `jax.distributed.initialize()`
 finds the coordinator, process count and ids from Slurm's variables by itself. Slurm
 sends SIGTERM before a time limit or preemption (`--signal`): llmjax saves a checkpoint
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repo", default=os.getcwd(), help="llmjax checkout on shared disk")
     parser.add_argument("--python", default="python3")
     parser.add_argument("--script", default="", help="where to write the sbatch script")
-    parser.add_argument("--dry-run", action="store_true", help="print script and command only")
+    parser.add_argument("--dry_run", action="store_true", help="print script and command only")
     args, train_args = parser.parse_known_args(argv)
     train_args = [a for a in train_args if a != "--"]
     script = sbatch_script(args, train_args)

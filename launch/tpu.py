@@ -2,7 +2,7 @@
 """Train on a Cloud TPU VM slice (or several, multislice) with queued resources.
 
     python launch/tpu.py --name=llama8b --zone=us-east5-a --accelerator=v5p-128 \
-        [--num_slices=2] [--spot] [--teardown] [--dry-run] -- \
+        [--num_slices=2] [--spot] [--teardown] [--dry_run] -- \
         --config=configs/llama3_8b.py --workdir=gs://BUCKET/runs/llama8b
 
 Steps: create the queued resource and wait until it is ACTIVE; copy this checkout
@@ -10,7 +10,7 @@ Steps: create the queued resource and wait until it is ACTIVE; copy this checkou
 `python -m llmjax.train ARGS` on all workers at once (JAX finds its peers from the TPU
 metadata; multislice peers from the MEGASCALE variables the queued resource sets),
 streaming every worker's output here; with --teardown, delete the resource after.
-`--dry-run` prints the gcloud commands instead of running them. Use a gs:// workdir:
+`--dry_run` prints the gcloud commands instead of running them. Use a gs:// workdir:
 workers have no shared disk.
 """
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--spot", action="store_true")
     parser.add_argument("--teardown", action="store_true", help="delete the TPUs afterwards")
     parser.add_argument("--archive", default="/tmp/llmjax.tar")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     args, train_args = parser.parse_known_args(argv)
     train_args = [a for a in train_args if a != "--"]
     phases = plan(args, train_args)

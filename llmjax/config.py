@@ -1,7 +1,9 @@
 """The keys every training config has, their defaults, and the checks on their values.
 
 A config file (configs/NAME.py) starts from `base_config()` and changes what its job
-needs; a key that is not here is a typo and fails with a message naming it.
+needs; a key that is not here is a typo and fails with a message naming it. `validate`
+is the one place a config is checked: every section here, the model section through its
+family's dataclass (llmjax.models.model_config), the task against the model (`check_task`).
 """
 
 import json
@@ -9,7 +11,10 @@ from typing import Any
 
 import ml_collections
 
-from llmjax.optim import OPTIMIZERS, SCHEDULES
+SCHEDULES = ("cosine", "linear", "constant", "wsd", "rsqrt")
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+TASKS = ("lm", "classify")
+PACKINGS = ("first_fit", "concat")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -85,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.dcn_tensor = 1
     c.mesh.rules = "fsdp+tp"
 
-    c.lora = ml_collections.ConfigDict()  # llmjax.lora
+    c.lora = ml_collections.ConfigDict()  # llmjax.training.lora
     c.lora.rank = 0  # 0: train every parameter; > 0: adapters of this rank, the rest frozen
     c.lora.alpha = 16.0  # adapters are scaled by alpha / rank
     c.lora.targets = "blocks/attn/(q|v)"  # regex over parameter paths that get adapters
@@ -117,7 +122,14 @@ def _unknown_keys(config: Any, reference: Any, prefix: str) -> list[str]:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming the first bad key or value."""
+    """Raise ValueError naming the first bad key or value.
+
+    The model section is checked as its family reads it, unless `init_from` replaces it
+    (then the resolved model is checked when the run is assembled).
+    """
+    from llmjax.models import model_config
+    from llmjax.parallel.sharding import RULE_PRESETS
+
     unknown = _unknown_keys(config, base_config(), "config.")
     if unknown:
         raise ValueError(f"{unknown[0]} is not a known key (typo? see llmjax/config.py)")
@@ -135,8 +147,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.optimizer.name={opt.name!r}: choose one of {OPTIMIZERS}")
     if opt.learning_rate < 0 or opt.warmup_steps < 0:
         raise ValueError("config.optimizer.learning_rate and warmup_steps must be >= 0")
-    if config.task not in ("lm", "classify"):
-        raise ValueError(f"config.task={config.task!r}: choose lm or classify")
+    if config.task not in TASKS:
+        raise ValueError(f"config.task={config.task!r}: choose one of {TASKS}")
+    if config.mesh.rules not in RULE_PRESETS:
+        raise ValueError(f"config.mesh.rules={config.mesh.rules!r}: choose one of "
+                         f"{sorted(RULE_PRESETS)}")
+    if config.data.packing not in PACKINGS:
+        raise ValueError(f"config.data.packing={config.data.packing!r}: choose one of "
+                         f"{PACKINGS}")
     if int(config.lora.rank) < 0:
         raise ValueError(f"config.lora.rank={config.lora.rank} must be >= 0 (0: no LoRA)")
     stop = config.early_stopping
@@ -150,6 +168,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config.data.eval and config.data.eval_fraction == 0.0:
         raise ValueError("config.data.eval is empty and config.data.eval_fraction is 0: "
                          "give an eval source or hold out a fraction")
+    if not config.init_from:
+        # vocab_size 0 means "the tokenizer's": any size checks the other fields.
+        check_task(config.task, model_config(config.model, vocab_size=1))
+
+
+def check_task(task: str, model_cfg: Any) -> None:
+    """ValueError unless the model can be trained for `task`: next-token logits for "lm"
+    (a decoder without a classifier head), a classifier head for "classify"."""
+    from llmjax.models import DECODERS, family_of
+
+    num_labels = getattr(model_cfg, "num_labels", 0)
+    if task == "lm" and (family_of(model_cfg) not in DECODERS or num_labels):
+        raise ValueError(f"config.model.family={family_of(model_cfg)!r} with num_labels="
+                         f"{num_labels} is a classifier: set config.task=classify")
+    if task == "classify" and not num_labels:
+        raise ValueError("config.task=classify needs config.model.num_labels > 0")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

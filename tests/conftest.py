@@ -46,3 +46,20 @@ def tiny_config(**overrides):
 @pytest.fixture
 def make_config():
     return tiny_config
+
+
+def write_text_tfds(data_dir, name, splits):
+    """A TFDS dataset with a `text` feature, in array_record files, as `tfds build` makes."""
+    import tensorflow_datasets as tfds
+
+    from llmjax.data import prepared
+
+    features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+    directory = data_dir / name / "1.0.0"
+    directory.mkdir(parents=True)
+    lengths = {}
+    for split, texts in splits.items():
+        path = directory / prepared.shard_filename(name, split, 0, 1)
+        lengths[split] = ([len(texts)], prepared.write_shard(
+            str(path), ({"text": t} for t in texts), features)[1])
+    prepared.write_metadata(str(directory), name, features, lengths, {}, "test")

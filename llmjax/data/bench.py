@@ -14,7 +14,9 @@ training text (`data.train`) with its tokenizer (`data.tokenizer`, trained here 
     prepared + pack + batch  reading a `llmjax.prepare` dataset (array_record, tfds) record by
                              record, with 0 and N grain worker processes
     train step               what `llmjax.train` consumes: tokens/s of a few real steps of
-                             the config (or the median train/tokens_per_sec of --metrics)
+                             the config, run as `python -m llmjax.train` with the same
+                             --config.KEY=VALUE overrides (or the median
+                             train/tokens_per_sec of --metrics)
 
 Pipeline rows count the positions they deliver (rows x seq_len, padding included), which is
 what a train step consumes; the fill column says how many of them are trained tokens.
@@ -23,21 +25,29 @@ what a train step consumes; the fill column says how many of them are trained to
 import importlib.util
 import json
 import os
+import re
+import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-from llmjax import train  # defines --config (and --config.KEY=VALUE overrides) for us too
-from llmjax.data import clean, pipeline, prepared, sources
+from llmjax.data import clean, pipeline, prepare, prepared, sources
+from llmjax.data.documents import tokenize_documents
 from llmjax.data.tokenizer import load_tokenizer
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "shakespeare.py")
+config_flags.DEFINE_config_file("config", None, "Config file whose data and train step to "
+                                "measure (configs/NAME.py[:ARG]; default: configs/shakespeare.py).",
+                                lock_config=True)
 flags.DEFINE_integer("train_steps", 30, "Real train steps to time (0: skip the train row).")
 flags.DEFINE_string("metrics", "", "Read the train step's tokens/s from this metrics.jsonl "
                     "instead of training.")
@@ -82,14 +92,43 @@ def time_batches(make_iterator, num_batches: int, seconds: float,
     return positions / elapsed, trained / positions, first_batch
 
 
-def train_tokens_per_sec(config: ml_collections.ConfigDict, steps: int, workdir: str) -> float:
-    """Median train/tokens_per_sec of `steps` real steps of `config` (after compilation)."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.num_train_steps = steps
-    config.log_every_steps = max(1, steps // 3)
-    config.eval_every_steps = config.checkpoint_every_steps = steps * 10
-    config.sample.max_new_tokens = 0
-    train.train_and_evaluate(config, workdir)
+def config_args(argv: Sequence[str]) -> list[str]:
+    """The --config=FILE and --config.KEY=VALUE arguments of the parsed command line `argv`,
+    in order, for the train step's run; --config=DEFAULT_CONFIG first if none names a file."""
+    argv = FLAGS.read_flags_from_files(list(argv), force_gnu=False)  # as config_flags reads it
+    found: list[str] = []
+    for i, arg in enumerate(argv[1:], start=1):
+        match = re.fullmatch(r"--?(no)?(config(?:\.[\w.]+)?)(=.*)?", arg, re.DOTALL)
+        if match is None:
+            continue
+        found.append(arg)
+        negated, name, value = match.groups()
+        # `--config FILE`, `--config.KEY VALUE`: absl takes the next argument as the value
+        # of any flag but a boolean one.
+        if (value is None and not negated and i + 1 < len(argv)
+                and not isinstance(FLAGS[name], flags.BooleanFlag)):
+            found.append(argv[i + 1])
+    if not any(re.match(r"--?config(=|$)", arg) for arg in found):
+        found.insert(0, f"--config={DEFAULT_CONFIG}")
+    return found
+
+
+def train_tokens_per_sec(config_args: Sequence[str], steps: int, workdir: str) -> float:
+    """Median train/tokens_per_sec of `steps` real steps of `python -m llmjax.train` with
+    `config_args` (--config=FILE and overrides), after compilation, in `workdir`.
+
+    Raises subprocess.CalledProcessError (with the command and its stderr) if it fails.
+    """
+    command = [sys.executable, "-m", "llmjax.train", *config_args,
+               f"--config.num_train_steps={steps}",
+               f"--config.log_every_steps={max(1, steps // 3)}",
+               f"--config.eval_every_steps={steps * 10}",
+               f"--config.checkpoint_every_steps={steps * 10}",
+               "--config.sample.max_new_tokens=0", f"--workdir={workdir}"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise subprocess.CalledProcessError(result.returncode, command, result.stdout,
+                                            result.stderr)
     return metrics_tokens_per_sec(os.path.join(workdir, "metrics.jsonl"))
 
 
@@ -103,10 +142,9 @@ def metrics_tokens_per_sec(path: str) -> float:
 
 
 def run(config: ml_collections.ConfigDict, train_steps: int, metrics: str, workers: list[int],
-        seconds: float) -> list[tuple]:
-    """Rows of (what, tokens per second, fill or None)."""
-    from llmjax import prepare
-
+        seconds: float, train_config_args: Sequence[str]) -> list[tuple]:
+    """Rows of (what, tokens per second, fill or None). `train_config_args`: the --config
+    arguments of the train step's run (`config` loaded from them)."""
     rows: list[tuple] = []
     scratch = tempfile.mkdtemp(prefix="llmjax-data-bench-")
     documents = sources.read_documents(config.data.train)
@@ -119,11 +157,11 @@ def run(config: ml_collections.ConfigDict, train_steps: int, metrics: str, worke
     shape = dict(seq_len=config.seq_len, global_batch_size=config.global_batch_size,
                  seed=config.seed, packing=config.data.packing,
                  packing_bins=config.data.packing_bins)
-    token_docs = pipeline.tokenize_documents(tokenizer, documents)
+    token_docs = tokenize_documents(tokenizer, documents)
     epoch_batches = sum(len(t) for t in token_docs) // (config.seq_len
                                                         * config.global_batch_size) + 1
     rows.append(("tokenize + pack + batch (text in memory, one epoch)", *time_batches(
-        lambda: pipeline.make_train_iterator(pipeline.tokenize_documents(tokenizer, documents),
+        lambda: pipeline.make_train_iterator(tokenize_documents(tokenizer, documents),
                                              **shape), epoch_batches, seconds)))
     rows.append(("pack + batch (tokens in memory, one epoch)", *time_batches(
         lambda: pipeline.make_train_iterator(token_docs, **shape), epoch_batches, seconds)))
@@ -147,7 +185,8 @@ def run(config: ml_collections.ConfigDict, train_steps: int, metrics: str, worke
         rows.append((f"train step ({metrics})", metrics_tokens_per_sec(metrics), None, None))
     elif train_steps > 0:
         rows.append((f"train step ({config.name}, {train_steps} steps)",
-                     train_tokens_per_sec(config, train_steps, os.path.join(scratch, "run")),
+                     train_tokens_per_sec(train_config_args, train_steps,
+                                          os.path.join(scratch, "run")),
                      None, None))
     return rows
 
@@ -179,9 +218,13 @@ def main(argv: list[str]) -> None:
         config = module.get_config()
     try:
         rows = run(config, FLAGS.train_steps, FLAGS.metrics, [int(w) for w in FLAGS.workers],
-                   FLAGS.seconds)
+                   FLAGS.seconds, config_args(sys.argv))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except subprocess.CalledProcessError as e:
+        last_line = (e.stderr or "").strip().splitlines()[-1:] or ["(no output on stderr)"]
+        sys.exit(f"error: {shlex.join(e.cmd)} failed (exit status {e.returncode}): "
+                 f"{last_line[0]}")
     print(f"{os.cpu_count()} CPU cores; seq_len {config.seq_len}, global batch "
           f"{config.global_batch_size}, packing {config.data.packing}; source "
           f"{config.data.train}")

@@ -1,4 +1,4 @@
-"""Cleaning and deduplication of text documents (the first stages of `llmjax.prepare`).
+"""Cleaning and deduplication of text documents (the first stages of `llmjax.data.prepare`).
 
     clean_text          Unicode normalisation (NFC by default), control characters removed
                         (newlines and tabs kept), Windows line ends made Unix ones

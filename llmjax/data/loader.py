@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from llmjax.data import pipeline, prepared, sources
+from llmjax.data import documents, pipeline, prepared, sources
 from llmjax.data.sources import IN_MEMORY_KINDS, SourceSpec
 from llmjax.data.tokenizer import Tokenizer, fingerprint, load_tokenizer
 
@@ -82,7 +82,7 @@ def _open(spec: SourceSpec, weight: float, data_dir: str | None) -> _Opened:
 def _held_out(first: _Opened, eval_fraction: float, seed: int, data_dir: str | None) -> _Opened:
     """The eval source when config.data.eval is empty (may shrink `first`'s documents)."""
     if first.documents is not None:
-        first.documents, held_out = pipeline.split_documents(first.documents, eval_fraction,
+        first.documents, held_out = documents.split_documents(first.documents, eval_fraction,
                                                              seed)
         return dataclasses.replace(first, documents=held_out)
     spec = dataclasses.replace(first.spec, split="validation",
@@ -146,10 +146,10 @@ def _tokenizer(spec: str, opened: list[_Opened], workdir: str, process_index: in
 
 def _token_records(opened: _Opened, tokenizer: Tokenizer) -> Sequence[Any]:
     if opened.documents is not None:
-        return pipeline.tokenize_documents(tokenizer, opened.documents)
+        return documents.tokenize_documents(tokenizer, opened.documents)
     if opened.metadata is not None:
         return opened.records
-    return pipeline.TokenizedRecords(opened.records,
+    return documents.TokenizedRecords(opened.records,
                                      functools.partial(_tfds_document, opened.spec), tokenizer)
 
 

@@ -187,7 +187,7 @@ def document_text(document: Document) -> str:
 
 # ---------------------------------------------------------------- input units
 #
-# A unit is what one worker of `llmjax.prepare` reads: a file, or a range of a TFDS split's
+# A unit is what one worker of `llmjax.data.prepare` reads: a file, or a range of a TFDS split's
 # records. `input_units` lists them; `iter_unit_documents` reads one.
 
 

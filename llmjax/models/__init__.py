@@ -1,4 +1,11 @@
-"""Model families. A family is one file here plus an entry in FAMILIES."""
+"""Model families. A family is one file here plus an entry in FAMILIES.
+
+Every model answers `model.classify(tokens, positions, segment_ids)` -> class logits
+[batch, num_labels] (models with `num_labels` > 0; BERT always) and
+`model.hidden_states(...)` -> its final layer's output; a decoder's `model(tokens,
+positions, segment_ids)` -> next-token logits [batch, length, vocab]. What a call returns
+never depends on the config.
+"""
 
 import dataclasses
 from typing import Any
@@ -13,10 +20,10 @@ from llmjax.models.llama import Llama, LlamaConfig
 FAMILIES = {
     "llama": (LlamaConfig, Llama),  # also Mistral and Qwen2 (see llama.py)
     "gpt2": (GPT2Config, GPT2),
-    "bert": (BertConfig, Bert),  # encoder + classifier: logits [batch, num_labels]
+    "bert": (BertConfig, Bert),  # encoder + classifier: classify() only
 }
 ModelConfig = LlamaConfig | GPT2Config | BertConfig
-DECODERS = ("llama", "gpt2")  # the families llmjax.train trains: next-token logits
+DECODERS = ("llama", "gpt2")  # families with next-token logits (task "lm")
 
 
 def family_of(cfg: ModelConfig) -> str:

@@ -17,6 +17,7 @@ from flax import nnx
 from llmjax.models.layers import (
     DTYPES,
     GELU_APPROXIMATE,
+    REMAT_POLICIES,
     GeluMLP,
     LayerNorm,
     MultiHeadAttention,
@@ -60,6 +61,7 @@ class BertConfig:
             check_choice(name, getattr(self, name), DTYPES)
         check_choice("activation", self.activation, GELU_APPROXIMATE)
         check_choice("attention_impl", self.attention_impl, ("auto", "xla", "cudnn"))
+        check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
 
     @property
     def head_dim(self) -> int:
@@ -112,17 +114,27 @@ class Bert(nnx.Module):
         self.classifier = param(rngs, init, (d, cfg.num_labels), ("embed", "labels"), pdt)
         self.classifier_bias = param(rngs, zeros, (cfg.num_labels,), ("labels",), pdt)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+    def classify(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None) -> jax.Array:
-        """tokens [batch, length] int -> class logits [batch, num_labels] float32.
+        """tokens [batch, length] int -> class logits [batch, num_labels] float32, pooled at
+        each row's first token ([CLS]). Arguments as `hidden_states`."""
+        dt = DTYPES[self.cfg.dtype]
+        x = self.hidden_states(tokens, positions, segment_ids, token_type_ids)
+        pooled = jnp.tanh(x[:, 0] @ self.pooler[...].astype(dt) + self.pooler_bias[...].astype(dt))
+        logits = pooled @ self.classifier[...].astype(dt) + self.classifier_bias[...].astype(dt)
+        return logits.astype(jnp.float32)
 
-        One sequence per row, pooled at its first token ([CLS]). segment_ids
-        [batch, length]: 0 marks padding (a Hugging Face attention_mask works as is);
-        positions default to 0..length-1; token_type_ids default to 0.
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None,
+                      token_type_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [batch, length] int -> the encoder's output [batch, length, embed].
+
+        One sequence per row. segment_ids [batch, length]: 0 marks padding (a Hugging Face
+        attention_mask works as is); positions default to 0..length-1; token_type_ids
+        default to 0.
         """
         cfg = self.cfg
-        dt = DTYPES[cfg.dtype]
         if tokens.shape[1] > cfg.max_positions:
             raise ValueError(f"sequences of {tokens.shape[1]} tokens are longer than BERT's "
                              f"config.model.max_positions={cfg.max_positions}")
@@ -133,10 +145,7 @@ class Bert(nnx.Module):
         x = (jnp.take(self.embed[...], tokens, axis=0)
              + jnp.take(self.pos_embed[...], positions, axis=0)
              + jnp.take(self.type_embed[...], token_type_ids, axis=0))
-        x = self.embed_norm(x.astype(dt))
+        x = self.embed_norm(x.astype(DTYPES[cfg.dtype]))
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        x = run_blocks(self.blocks, x, segment_ids, scan_layers=cfg.scan_layers,
-                       remat_policy=cfg.remat_policy)
-        pooled = jnp.tanh(x[:, 0] @ self.pooler[...].astype(dt) + self.pooler_bias[...].astype(dt))
-        logits = pooled @ self.classifier[...].astype(dt) + self.classifier_bias[...].astype(dt)
-        return logits.astype(jnp.float32)
+        return run_blocks(self.blocks, x, segment_ids, scan_layers=cfg.scan_layers,
+                          remat_policy=cfg.remat_policy)

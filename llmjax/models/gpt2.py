@@ -16,6 +16,7 @@ from flax import nnx
 from llmjax.models.layers import (
     DTYPES,
     GELU_APPROXIMATE,
+    REMAT_POLICIES,
     GeluMLP,
     LayerNorm,
     MultiHeadAttention,
@@ -37,7 +38,7 @@ class GPT2Config:
     max_positions: int = 1024  # rows of the learned position embedding
     norm_eps: float = 1e-5
     activation: str = "gelu_tanh"  # gelu_tanh (GPT-2's "gelu_new") | gelu (exact)
-    num_labels: int = 0  # > 0: a sequence classifier (last-token pooling), not next-token logits
+    num_labels: int = 0  # > 0: a `score` head for classify() (last-token pooling)
     init_std: float = 0.02
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
@@ -61,6 +62,7 @@ class GPT2Config:
             check_choice(name, getattr(self, name), DTYPES)
         check_choice("activation", self.activation, GELU_APPROXIMATE)
         check_choice("attention_impl", self.attention_impl, ("auto", "xla", "cudnn"))
+        check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
 
     @property
     def head_dim(self) -> int:
@@ -113,15 +115,30 @@ class GPT2(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
-        """tokens [batch, length] int -> logits [batch, length, vocab] float32.
+        """tokens [batch, length] int -> next-token logits [batch, length, vocab] float32.
 
         positions [batch, length] (< max_positions) restart at 0 for each packed
         document (default 0..length-1); segment_ids [batch, length] keep attention
-        inside a document. With `num_labels`: class logits [batch, num_labels] from each
-        row's last token whose segment id is not 0 (padding).
+        inside a document.
         """
+        x = self.hidden_states(tokens, positions, segment_ids)
+        logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(DTYPES[self.cfg.dtype]))
+        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        return logits.astype(jnp.float32)
+
+    def classify(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [batch, length] -> class logits [batch, num_labels] float32, from each row's
+        last token whose segment id is not 0 (padding), through the `score` head."""
+        if not self.cfg.num_labels:
+            raise ValueError("this model has no classifier head: set config.model.num_labels")
+        x = self.hidden_states(tokens, positions, segment_ids)
+        return classify_last_token(x, segment_ids, self.score[...].astype(DTYPES[self.cfg.dtype]))
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None,
+                      segment_ids: jax.Array | None) -> jax.Array:
+        """The final LayerNorm's output [batch, length, embed]."""
         cfg = self.cfg
-        dt = DTYPES[cfg.dtype]
         if tokens.shape[1] > cfg.max_positions:
             raise ValueError(f"sequences of {tokens.shape[1]} tokens are longer than GPT-2's "
                              f"config.model.max_positions={cfg.max_positions}")
@@ -129,12 +146,7 @@ class GPT2(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = jnp.take(self.embed[...], tokens, axis=0) + jnp.take(self.pos_embed[...], positions,
                                                                   axis=0)
-        x = constrain(x.astype(dt), ("act_batch", "act_length", "act_embed"))
+        x = constrain(x.astype(DTYPES[cfg.dtype]), ("act_batch", "act_length", "act_embed"))
         x = run_blocks(self.blocks, x, segment_ids, scan_layers=cfg.scan_layers,
                        remat_policy=cfg.remat_policy)
-        x = self.final_norm(x)
-        if cfg.num_labels:
-            return classify_last_token(x, segment_ids, self.score[...].astype(dt))
-        logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(dt))
-        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
-        return logits.astype(jnp.float32)
+        return self.final_norm(x)

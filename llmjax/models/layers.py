@@ -2,7 +2,7 @@
 
 Every parameter is created through `param`, which records its logical axis names
 (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`, `positions`,
-`labels`, plus `layers` for stacked blocks). `llmjax.sharding` maps those names to mesh
+`labels`, plus `layers` for stacked blocks). `llmjax.parallel.sharding` maps those names to mesh
 axes; the model itself knows nothing about meshes. Bias parameters are named `bias` or
 `*_bias`, which is how the optimizer leaves them out of weight decay.
 """
@@ -24,7 +24,7 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequenc
     """A parameter of `shape` whose dimensions carry the logical names `axes`."""
     if len(axes) != len(shape):
         raise ValueError(f"parameter of shape {tuple(shape)} got axes {tuple(axes)}")
-    # eager_sharding=False: the state is sharded once, by llmjax.sharding, not at creation.
+    # eager_sharding=False: the state is sharded once, by llmjax.parallel.sharding, not at creation.
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
                      eager_sharding=False)
 

@@ -18,6 +18,7 @@ from flax import nnx
 
 from llmjax.models.layers import (
     DTYPES,
+    REMAT_POLICIES,
     RMSNorm,
     apply_rope,
     attention,
@@ -54,7 +55,7 @@ class LlamaConfig:
     max_positions: int = 0  # context length it was trained for (kept for HF export); 0: unset
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    num_labels: int = 0  # > 0: a sequence classifier (last-token pooling), not next-token logits
+    num_labels: int = 0  # > 0: a `score` head for classify() (last-token pooling)
     init_std: float = 0.02
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
@@ -79,6 +80,7 @@ class LlamaConfig:
         for name in ("param_dtype", "dtype"):
             check_choice(name, getattr(self, name), DTYPES)
         check_choice("attention_impl", self.attention_impl, ("auto", "xla", "cudnn"))
+        check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         check_choice("rope_scaling", self.rope_scaling, ("none", "llama3"))
         if self.sliding_window < 0:
             raise ValueError(f"config.model.sliding_window={self.sliding_window} must be >= 0")
@@ -196,18 +198,36 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
-        """tokens [batch, length] int -> logits [batch, length, vocab] float32.
+        """tokens [batch, length] int -> next-token logits [batch, length, vocab] float32.
 
         positions [batch, length] restart at 0 for each packed document (default
         0..length-1); segment_ids [batch, length] keep attention inside a document.
-        With `num_labels`: class logits [batch, num_labels] from each row's last token
-        whose segment id is not 0 (padding).
         """
         cfg = self.cfg
-        dt = DTYPES[cfg.dtype]
+        x = self.hidden_states(tokens, positions, segment_ids)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = (x @ head.astype(DTYPES[cfg.dtype])).reshape(*tokens.shape, -1)
+        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        return logits.astype(jnp.float32)
+
+    def classify(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [batch, length] -> class logits [batch, num_labels] float32, from each row's
+        last token whose segment id is not 0 (padding), through the `score` head."""
+        cfg = self.cfg
+        if not cfg.num_labels:
+            raise ValueError("this model has no classifier head: set config.model.num_labels")
+        x = self.hidden_states(tokens, positions, segment_ids).reshape(*tokens.shape, -1)
+        return classify_last_token(x, segment_ids, self.score[...].astype(DTYPES[cfg.dtype]))
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None,
+                      segment_ids: jax.Array | None) -> jax.Array:
+        """The final-norm output: [batch * length, embed] (or [batch, length, embed] when
+        the length is split over devices)."""
+        cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[cfg.dtype])
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         if not length_is_split():
             # The residual stream as [batch * length, embed]: every matmul is a plain 2-D
@@ -218,11 +238,4 @@ class Llama(nnx.Module):
         cos, sin = rope_tables(positions, cfg.rope_frequencies())
         x = run_blocks(self.blocks, x, cos, sin, segment_ids, scan_layers=cfg.scan_layers,
                        remat_policy=cfg.remat_policy)
-        x = self.final_norm(x)
-        if cfg.num_labels:
-            x = x.reshape(*tokens.shape, -1)
-            return classify_last_token(x, segment_ids, self.score[...].astype(dt))
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = (x @ head.astype(dt)).reshape(*tokens.shape, -1)
-        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
-        return logits.astype(jnp.float32)
+        return self.final_norm(x)

@@ -1,0 +1,45 @@
+"""Hugging Face directories to and from llmjax runs:
+
+    python -m llmjax.hf import HF_DIR OUT [--allow_pickle]
+        HF weights -> an llmjax directory (OUT/config.json, OUT/checkpoints/0, OUT/tokenizer);
+        train from it with --config.init_from=OUT
+    python -m llmjax.hf export WORKDIR_OR_CHECKPOINT OUT [--dtype=bfloat16] [--max_shard_size=5GB]
+        a run's newest checkpoint (or WORKDIR/checkpoints/STEP) -> a directory transformers
+        loads; a LoRA run's adapters merged, and in the PEFT layout under OUT/adapter
+
+What each does: llmjax.training.convert.
+"""
+
+from absl import flags
+
+from llmjax import cli
+from llmjax.models.layers import DTYPES
+from llmjax.training import convert
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("allow_pickle", False, "import: also read pickle-based .bin weights, which "
+                  "can run code when loaded (only from a trusted source).")
+flags.DEFINE_enum("dtype", None, sorted(DTYPES), "export: dtype of the written tensors "
+                  "(default: the parameters').")
+flags.DEFINE_string("max_shard_size", "5GB", "export: largest safetensors file, e.g. 500MB.")
+
+USAGE = ("give `import HF_DIR OUT` or `export WORKDIR_OR_CHECKPOINT OUT` "
+         "(python -m llmjax.hf --help)")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 4 or argv[1] not in ("import", "export"):
+        raise ValueError(USAGE)
+    command, source, out = argv[1:]
+    if command == "import":
+        convert.import_checkpoint(source, out, allow_pickle=FLAGS.allow_pickle)
+        print(f"Imported {source} -> {out} (train from it: --config.init_from={out}; "
+              f"back to HF: python -m llmjax.hf export {out} DIR)")
+    else:
+        convert.export_checkpoint(source, out, dtype=FLAGS.dtype,
+                                  max_shard_size=FLAGS.max_shard_size)
+        print(f"Exported {source} -> {out} (transformers: AutoModel*.from_pretrained({out!r}))")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,81 @@
+"""Run directories <-> Hugging Face directories: what `python -m llmjax.hf` does.
+
+`import_checkpoint` writes a workdir-shaped directory: OUT/config.json (an llmjax config
+whose `model` is the HF architecture), OUT/checkpoints/0/ (Orbax; parameters only) and
+OUT/tokenizer/ (the tokenizer files); a training run starts from it with
+`--config.init_from=OUT`. `export_checkpoint` reads any model path of a run (llmjax.workdir)
+and writes config.json, model.safetensors (or shards and an index) and the tokenizer; a
+LoRA run is written with its adapters merged, and the adapters alone in the PEFT layout
+under OUT/adapter (for its base model).
+"""
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from flax import nnx, traverse_util
+
+from llmjax import hf, workdir
+from llmjax.config import base_config, to_json
+from llmjax.data.tokenizer import ByteTokenizer
+from llmjax.hf import peft, writer
+from llmjax.training import checkpoint, init_from, lora, restore
+
+
+def import_checkpoint(hf_dir: str, out: str, *, allow_pickle: bool = False) -> str:
+    """HF directory -> llmjax directory `out` (config.json, checkpoints/0, tokenizer/).
+
+    Returns `out`. The parameters are read sharded over all devices and written by
+    Orbax, so no process holds the whole model.
+    """
+    model = hf.from_pretrained(hf_dir, allow_pickle=allow_pickle)
+    config = base_config()
+    config.name = os.path.basename(os.path.normpath(out))
+    config.model = ml_collections.ConfigDict(init_from.model_fields(model.cfg))
+    tokenizer_dir = os.path.join(out, workdir.TOKENIZER)
+    if any(os.path.isfile(os.path.join(hf_dir, name)) for name in writer.TOKENIZER_FILES):
+        config.data.tokenizer = os.path.abspath(tokenizer_dir)
+    if jax.process_index() == 0:
+        hf.copy_tokenizer_files(hf_dir, tokenizer_dir)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, workdir.CONFIG), "w") as f:
+            f.write(to_json(config))
+    checkpoint.save_params(out, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                           config.to_dict())
+    return out
+
+
+def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
+                      max_shard_size: int | str = "5GB") -> str:
+    """Model path of a run -> HF directory `out`, with the run's tokenizer when it has one
+    (its tokenizer/ or a data.tokenizer directory). Returns `out`."""
+    run_dir, _, _ = workdir.split_checkpoint(source)
+    run_config = workdir.read_config(run_dir)
+    if lora.enabled(ml_collections.ConfigDict(run_config["lora"])):
+        restored = restore.restore_run(source)
+        run = restored.run
+        model = nnx.merge(run.graphdef, jax.jit(run.merge)(restored.trainable,
+                                                           restored.frozen))
+        trainable = restored.trainable
+        peft.save_peft(os.path.join(out, "adapter"), lora.adapter_items(trainable["adapters"]),
+                       traverse_util.flatten_dict(trainable["heads"], sep="/"),
+                       rank=run.config.lora.rank, alpha=run.config.lora.alpha,
+                       model_cfg=run.model_cfg)
+    else:
+        model = restore.load_model(source)
+    hf.save_pretrained(model, out, tokenizer=_tokenizer(source, run_dir, run_config),
+                       dtype=dtype, max_shard_size=max_shard_size)
+    return out
+
+
+def _tokenizer(source: str, run_dir: str, run_config: dict[str, Any]) -> Any:
+    spec = run_config.get("data", {}).get("tokenizer", "")
+    for candidate in (os.path.join(run_dir, workdir.TOKENIZER), os.path.expanduser(spec)):
+        if os.path.isdir(candidate):
+            return candidate
+    if spec == "byte":
+        return ByteTokenizer()  # no files, but its bos/eos/pad ids go into config.json
+    logging.warning("%s: no tokenizer directory found; exporting the model alone", source)
+    return None

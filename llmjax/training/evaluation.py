@@ -1,0 +1,85 @@
+"""Evaluation: aggregate an eval step over held-out batches; evaluate a run's checkpoint.
+
+`evaluate` receives a step, not a config: anything that maps a placed global batch to
+the sums of llmjax.training.step.eval_step (`loss_sum`, `tokens`, and for
+classification `predictions`) can be evaluated, the train loop's and a restored run's alike.
+"""
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from llmjax.data import classify
+from llmjax.parallel import sharding
+from llmjax.training import restore, setup
+
+Batch = dict[str, np.ndarray]
+
+
+def evaluate(eval_step: Callable[[dict[str, jax.Array]], dict[str, jax.Array]],
+             batches: Sequence[Batch], place: Callable[[Batch], dict[str, jax.Array]],
+             num_labels: int = 0) -> dict[str, float]:
+    """eval/loss and eval/perplexity over `batches` (this process's rows, put on the mesh
+    by `place`); with `num_labels` (classification) eval/loss, eval/accuracy and eval/f1."""
+    loss_sum, tokens, predicted, labels = 0.0, 0.0, [], []
+    for batch in batches:
+        placed = place(batch)
+        out = eval_step(placed)
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+        if num_labels:
+            real = sharding.to_host(placed["loss_mask"]) > 0
+            predicted.append(sharding.to_host(out["predictions"])[real])
+            labels.append(sharding.to_host(placed["labels"])[real])
+    loss = loss_sum / max(tokens, 1.0)
+    if num_labels:
+        accuracy, f1 = classify.accuracy_and_f1(np.concatenate(predicted),
+                                                np.concatenate(labels), num_labels)
+        return {"eval/loss": loss, "eval/accuracy": accuracy, "eval/f1": f1}
+    return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))}
+
+
+def evaluate_run(run: setup.Run, steps: setup.Steps, trainable: Any,
+                 batches: Sequence[Batch]) -> dict[str, float]:
+    """`evaluate` with the run's eval step on `trainable` and its batch placement."""
+    num_labels = run.model_cfg.num_labels if run.task.name == "classify" else 0
+    return evaluate(lambda batch: steps.evaluate(trainable, batch), batches,
+                    lambda batch: sharding.global_batch(batch, run.batch_sharding,
+                                                        run.config.global_batch_size),
+                    num_labels)
+
+
+def evaluate_workdir(workdir: str, *, data: str = "", best: bool = False, output: str = "",
+                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The eval metrics of a workdir's newest (or best) checkpoint on the run's eval set
+    (or on source `data`), also written to `output` as JSON if given.
+
+    `overrides`: {"dotted.key": value} to change in the run's config before it is rebuilt
+    (e.g. "eval_batches"). A language model uses `config.eval_batches` batches; a classifier
+    every example of the eval source.
+    """
+    overrides = dict(overrides or {})
+    if data:
+        overrides["data.eval"] = data
+    restored = restore.restore_run(workdir, best=best, config_overrides=overrides)
+    config = restored.run.config
+    run_data = setup.build_data(config, workdir)
+    run_data.train_iter.close()
+    with sharding.activate(restored.run.mesh, restored.run.rules):
+        results: dict[str, Any] = evaluate_run(
+            restored.run, setup.bind_steps(restored.run, restored.frozen), restored.trainable,
+            run_data.eval_batches)
+    classifier = restored.run.task.name == "classify"
+    results.update({
+        "workdir": workdir, "step": restored.step, "best": best,
+        "data": config.data.eval or f"held out of {config.data.train}",
+        "examples" if classifier else "batches": (
+            int(sum(np.sum(b["loss_mask"]) for b in run_data.eval_batches)) if classifier
+            else len(run_data.eval_batches))})
+    if output and jax.process_index() == 0:
+        epath.Path(output).write_text(json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,77 @@
+"""Runs that start from another model: `config.init_from` and the model of a stored run.
+
+`config.init_from` is a Hugging Face directory, an imported directory, another run's
+workdir or one of its checkpoints (llmjax.workdir). The run then takes that model's
+architecture (its own `config.model` keeps only how to run it: RUNTIME_FIELDS, and
+`num_labels` for a new classifier head) and, on its first start, its weights.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+from flax import nnx
+
+from llmjax import workdir
+from llmjax.hf import reader
+from llmjax.models import ModelConfig, build_model, family_of, model_config
+from llmjax.training import checkpoint
+
+# model_config fields that say how to run a model, not what it is: `init_from` keeps
+# the training config's values for these.
+RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl")
+
+
+def model_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """A model config as the `config.model` section that rebuilds it."""
+    return {"family": family_of(cfg), **dataclasses.asdict(cfg)}
+
+
+def stored_model_config(path: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """The model config of a model path (see llmjax.workdir), with `overrides` of its
+    fields (e.g. dtype)."""
+    overrides = overrides or {}
+    if workdir.is_hf_dir(path):
+        return model_config({**reader.read_hf_config(path)[1], **overrides})
+    run_dir, subdir, step = workdir.split_checkpoint(path)
+    fields = dict(workdir.read_config(run_dir)["model"])
+    if not fields.get("vocab_size"):  # taken from the tokenizer at train time
+        fields["vocab_size"] = checkpoint.params_shapes(run_dir, step, subdir)["embed"][0]
+    return model_config({**fields, **overrides})
+
+
+def resolve(config: ml_collections.ConfigDict, vocab_size: int
+            ) -> tuple[ml_collections.ConfigDict, ModelConfig]:
+    """For a run with `config.init_from`: (a copy of `config` whose `model` is that of
+    init_from, so the workdir's config.json says what was trained; the model config).
+
+    Raises ValueError if the run's tokenizer (`vocab_size` ids) does not fit the model.
+    """
+    init_from = config.init_from
+    if not epath.Path(init_from).is_dir():
+        raise FileNotFoundError(f"config.init_from={init_from!r} is not a directory; give an "
+                                "HF model directory or an llmjax workdir")
+    # num_labels too: a decoder fine-tuned as a classifier gets a head (score) the LM lacks.
+    runtime = {k: v for k, v in dict(config.model).items()
+               if k in RUNTIME_FIELDS or (k == "num_labels" and v)}
+    cfg = stored_model_config(init_from, runtime)
+    if vocab_size > cfg.vocab_size:
+        raise ValueError(f"config.data.tokenizer has {vocab_size} ids but the model of "
+                         f"config.init_from={init_from!r} has {cfg.vocab_size}; use its "
+                         "tokenizer (--config.data.tokenizer=DIR)")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict(model_fields(cfg))
+    return config, cfg
+
+
+def load_params(path: str, cfg: ModelConfig, shardings: Any) -> dict:
+    """The parameters (pure dict) stored at a model path, placed with `shardings`."""
+    if workdir.is_hf_dir(path):
+        adapter = reader.read_hf_config(path)[0]
+        return reader.load_hf_params(reader.HFTensors(path), adapter, cfg, shardings)
+    run_dir, subdir, step = workdir.split_checkpoint(path)
+    abstract = nnx.to_pure_dict(nnx.split(jax.eval_shape(lambda: build_model(cfg, 0)))[1])
+    return checkpoint.restore_params(run_dir, step, abstract, shardings, subdir)

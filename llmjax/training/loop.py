@@ -1,0 +1,158 @@
+"""The train loop: python -m llmjax.train calls `train_and_evaluate(config, workdir)`.
+
+Reads top to bottom: set up (data, the assembled run, checkpoints, writers) -> resume or
+initialise -> loop (step, log, evaluate, keep the best, stop early, checkpoint) -> sample.
+Rerunning in the same workdir resumes from the newest complete checkpoint.
+"""
+
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from llmjax import workdir as run_dir
+from llmjax.config import to_json
+from llmjax.inference.sampling import sample_tokens
+from llmjax.models import flops_per_token
+from llmjax.parallel import distributed, sharding
+from llmjax.training import checkpoint, metrics, setup
+from llmjax.training.early_stopping import EarlyStopping
+from llmjax.training.evaluation import evaluate_run
+from llmjax.training.flops import peak_flops_per_device
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train per `config` in `workdir` (resuming if it holds a checkpoint).
+
+    Returns the last train and eval metrics, and the sample text if one was asked for.
+    """
+    # --- Set up: data, the run, checkpoints, writers ---------------------------------------
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    data = setup.build_data(config, workdir)
+    run = setup.assemble(config, data.tokenizer.vocab_size)
+    config = run.config  # with init_from's model: what config.json records
+    if jax.process_index() == 0:
+        (epath.Path(workdir) / run_dir.CONFIG).write_text(to_json(config))
+    logging.info("model: %s parameters; mesh %s; rules %s", f"{run.num_params:,}",
+                 dict(run.mesh.shape), config.mesh.rules)
+    mngr = checkpoint.manager(workdir, max_to_keep=config.max_to_keep,
+                              async_save=config.async_checkpointing)
+    latest = mngr.latest_step()
+    if latest is not None and jax.process_index() == 0:  # steps past the checkpoint rerun
+        metrics.drop_after(workdir, latest)
+    writer = metrics.create_writer(workdir, config.num_train_steps)
+    peak, peak_source = peak_flops_per_device(config.peak_flops_per_device)
+    throughput = metrics.Throughput(flops_per_token(run.model_cfg, config.seq_len), peak)
+    stopping = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,
+                             int(config.early_stopping.patience))
+    if latest is not None:
+        stopping.replay(metrics.read_records(os.path.join(workdir, run_dir.METRICS)))
+    best_mngr = (checkpoint.manager(workdir, max_to_keep=1, async_save=False,
+                                    subdir=run_dir.BEST) if stopping.metric else None)
+    summary: dict[str, Any] = {
+        "num_params": run.num_params, "num_trainable": run.num_trainable,
+        "trainable_fraction": run.num_trainable / run.num_params, "preempted": False,
+        "early_stopped": False}
+
+    with distributed.Preemption() as preemption, sharding.activate(run.mesh, run.rules):
+        # --- Resume or initialise ----------------------------------------------------------
+        frozen = setup.frozen_weights(run)
+        if latest is not None:
+            state, data_state = checkpoint.restore(mngr, latest, run.abstract_state,
+                                                   run.state_shardings)
+            data.train_iter.set_state(data_state)
+            print(f"Resumed from {mngr.directory}/{latest}", flush=True)
+        else:
+            state = setup.initial_state(run, frozen)
+            if config.init_from:
+                print(f"Initialised from {config.init_from}", flush=True)
+        steps = setup.bind_steps(run, frozen)
+        first_step = int(jax.device_get(state.step))
+        if jax.process_count() > 1:
+            multihost_utils.assert_equal(first_step, "processes start from different steps")
+        print(_start_line(run, first_step, peak, peak_source), flush=True)
+
+        # --- Train loop ----------------------------------------------------------------------
+        def save(mngr_: Any, step: int) -> None:
+            checkpoint.save(mngr_, step, state, data.train_iter.get_state(), config.to_dict())
+
+        throughput.reset(first_step)
+        compile_start = time.perf_counter()
+        last_step = first_step if stopping.should_stop else config.num_train_steps
+        for step in range(first_step + 1, last_step + 1):
+            is_last = step == config.num_train_steps
+            batch = sharding.global_batch(next(data.train_iter), run.batch_sharding,
+                                          config.global_batch_size)
+            state, train_metrics = steps.train(state, batch)
+            if step == first_step + 1:  # keep compilation out of tokens/s
+                jax.block_until_ready(train_metrics)
+                writer.write_scalars(step, {"train/first_step_seconds":
+                                            time.perf_counter() - compile_start})
+                throughput.reset(step)
+            if step % config.log_every_steps == 0 or is_last:
+                scalars = metrics.to_floats(train_metrics, "train")
+                scalars.update(throughput.report(step, config.global_batch_size
+                                                 * config.seq_len))
+                writer.write_scalars(step, scalars)
+                summary.update(scalars)
+            if step % config.eval_every_steps == 0 or is_last:
+                eval_metrics = evaluate_run(run, steps, state.params, data.eval_batches)
+                if stopping.update(step, eval_metrics):  # the best so far: keep it
+                    save(best_mngr, step)
+                eval_metrics.update(stopping.report())
+                writer.write_scalars(step, eval_metrics)
+                summary.update(eval_metrics)
+                throughput.reset(step)  # keep evaluation out of tokens/s
+            preempted = preemption.should_stop(step)
+            if (step % config.checkpoint_every_steps == 0 or is_last or preempted
+                    or stopping.should_stop):
+                save(mngr, step)
+            if stopping.should_stop:
+                print(f"Early stop at step {step}: {stopping.metric} has not improved for "
+                      f"{stopping.stale} evaluations; best {stopping.best:.4g} at step "
+                      f"{stopping.best_step} ({workdir}/{run_dir.BEST})", flush=True)
+                summary["early_stopped"] = True
+                break
+            if preempted:
+                print(f"Preempted: saved step {step}; rerun the command to resume", flush=True)
+                summary["preempted"] = True
+                break
+        mngr.wait_until_finished()
+        if stopping.metric:
+            summary.update({"best_step": stopping.best_step, "best_metric": stopping.best})
+
+        # --- Sample ----------------------------------------------------------------------
+        if (config.sample.max_new_tokens > 0 and not summary["preempted"]
+                and run.task.name == "lm"):
+            summary["sample"] = _sample(run, steps.params(state.params), data.tokenizer)
+            writer.write_texts(config.num_train_steps, {"sample": summary["sample"]})
+    writer.flush()
+    writer.close()
+    mngr.close()
+    if best_mngr is not None:
+        best_mngr.close()
+    return summary
+
+
+def _start_line(run: setup.Run, first_step: int, peak: float, peak_source: str) -> str:
+    devices = jax.device_count()
+    return (f"Training {run.num_trainable:,} of {run.num_params:,} parameters "
+            f"({100 * run.num_trainable / run.num_params:.3g}%) on {devices} "
+            f"device{'s' if devices != 1 else ''} (mesh {dict(run.mesh.shape)}), steps "
+            f"{first_step}..{run.config.num_train_steps}; MFU peak: {peak / 1e9:,.0f} GFLOP/s "
+            f"per device ({peak_source})")
+
+
+def _sample(run: setup.Run, params: Any, tokenizer: Any) -> str:
+    """The prompt of `config.sample` and what the trained model continues it with."""
+    sample = run.config.sample
+    prompt = [tokenizer.bos_id] + tokenizer.encode(sample.prompt)
+    ids = sample_tokens(run.graphdef, params, prompt, max_new_tokens=sample.max_new_tokens,
+                        temperature=sample.temperature, top_k=sample.top_k,
+                        seed=run.config.seed)
+    return tokenizer.decode(ids)

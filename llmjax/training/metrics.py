@@ -1,0 +1,203 @@
+"""Metric writers (TensorBoard, metrics.jsonl, console) and throughput / MFU accounting.
+
+`metrics.jsonl` holds one JSON object per write: {"step": int, "group/name": float, ...}.
+"""
+
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from clu import metric_writers
+from etils import epath
+
+from llmjax import workdir as run_dir
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+    """Appends scalars to `path` as one JSON object per line.
+
+    Object stores (gs://) cannot append, so there the whole file is rewritten per write.
+    """
+
+    def __init__(self, path: str):
+        self._path = epath.Path(path)
+        self._remote = "://" in path
+        if self._remote:
+            self._lines = self._path.read_text().splitlines(True) if self._path.exists() else []
+        else:
+            self._file = open(path, "a", encoding="utf-8")
+
+    def _append(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            self._path.write_text("".join(self._lines))
+        else:
+            self._file.write(line)
+            self._file.flush()
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        self._append({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
+
+    def write_texts(self, step: int, texts: Mapping[str, str]):
+        self._append({"step": int(step), **texts})
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        if not self._remote:
+            self._file.flush()
+
+    def close(self):
+        if not self._remote:
+            self._file.close()
+
+
+class ConsoleWriter(JsonlWriter):
+    """One readable line per write on stdout, with steps/s and ETA for train metrics."""
+
+    def __init__(self, num_train_steps: int):
+        self._file, self._remote = sys.stdout, False
+        self._num_train_steps = num_train_steps
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        parts = [f"step {step}/{self._num_train_steps}"]
+        for key, value in scalars.items():
+            name = key.split("/", 1)[-1]
+            if name == "steps_per_sec" and value > 0:
+                eta = (self._num_train_steps - step) / value
+                parts.append(f"{value:.2f} steps/s, ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
+            elif name == "learning_rate":
+                parts.append(f"{key} {value:.2e}")
+            elif name == "tokens_per_sec":
+                parts.append(f"{key} {value:,.0f}")
+            else:
+                parts.append(f"{key} {value:.4g}")
+        print(" | ".join(parts), flush=True)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]):
+        for key, text in texts.items():
+            print(f"step {step} {key}:\n{text}", flush=True)
+
+    def close(self):
+        self._file.flush()
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (none if it does not exist)."""
+    path = epath.Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def drop_after(workdir: str, step: int) -> None:
+    """Remove what a killed run logged past `step` (metrics.jsonl and TensorBoard), so its
+    resumption logs every step once."""
+    drop_records_after(os.path.join(workdir, run_dir.METRICS), step)
+    drop_events_after(os.path.join(workdir, run_dir.TENSORBOARD), step)
+
+
+def drop_records_after(path: str, step: int) -> None:
+    """Remove metrics.jsonl records past `step`, so a resumed run does not log steps twice."""
+    path = epath.Path(path)
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
+def drop_events_after(logdir: str, step: int) -> None:
+    """Remove TensorBoard summaries past `step` from the event files in `logdir`.
+
+    A run killed after its last checkpoint may have flushed summaries for steps it then
+    repeats on resume; TensorBoard would draw those steps twice. Each file is rewritten
+    beside itself and renamed over the original, so a crash here loses nothing.
+    """
+    import tensorflow as tf  # already loaded by clu's SummaryWriter; deferred for the others
+    from tensorboard.compat.proto import event_pb2
+
+    if not tf.io.gfile.isdir(logdir):
+        return
+    for name in sorted(tf.io.gfile.listdir(logdir)):
+        path = os.path.join(logdir, name)
+        if not name.startswith("events.out.tfevents") or tf.io.gfile.isdir(path):
+            continue
+        records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+        kept = [r for r in records
+                if not ((event := event_pb2.Event.FromString(r)).HasField("summary")
+                        and event.step > step)]
+        if len(kept) == len(records):
+            continue
+        tmp = os.path.join(logdir, "rewriting.tmp")  # no "tfevents" in it: TensorBoard skips it
+        with tf.io.TFRecordWriter(tmp) as out:
+            for record in kept:
+                out.write(record)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def create_writer(workdir: str, num_train_steps: int) -> metric_writers.MetricWriter:
+    """TensorBoard + metrics.jsonl + console on process 0; nothing on the others."""
+    if jax.process_index() != 0:
+        return metric_writers.MultiWriter([])
+    return metric_writers.MultiWriter([
+        metric_writers.SummaryWriter(os.path.join(workdir, run_dir.TENSORBOARD)),
+        JsonlWriter(os.path.join(workdir, run_dir.METRICS)),
+        ConsoleWriter(num_train_steps),
+    ])
+
+
+class Throughput:
+    """Tokens/s and MFU between two reports of the train loop."""
+
+    def __init__(self, flops_per_token: float, peak_flops_per_device: float):
+        self.flops_per_token = flops_per_token
+        self.peak_total = peak_flops_per_device * jax.device_count()
+        self._last_time = time.perf_counter()
+        self._last_step = 0
+
+    def reset(self, step: int):
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def report(self, step: int, tokens_per_step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        seconds = max(now - self._last_time, 1e-9)
+        steps = step - self._last_step
+        if steps <= 0:
+            return {}
+        tokens_per_sec = steps * tokens_per_step / seconds
+        self.reset(step)
+        return {
+            "train/steps_per_sec": steps / seconds,
+            "train/step_time_ms": 1000 * seconds / max(steps, 1),
+            "train/tokens_per_sec": tokens_per_sec,
+            "train/mfu": tokens_per_sec * self.flops_per_token / self.peak_total,
+        }
+
+
+def to_floats(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    return {f"{prefix}/{k}": float(np.asarray(v)) for k, v in metrics.items()}

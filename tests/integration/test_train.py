@@ -1,0 +1,131 @@
+"""End to end: the loss falls on the bundled corpus; a killed run resumes to the same
+losses as an uninterrupted one; bad config keys and values fail with one clear line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from conftest import tiny_config
+
+from llmjax.training.loop import train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses_by_step(workdir):
+    return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
+
+
+def test_loss_falls_on_bundled_corpus(tmp_path):
+    config = tiny_config(num_train_steps=60, eval_every_steps=30, checkpoint_every_steps=60,
+                         **{"model.embed_dim": 64, "model.mlp_dim": 128,
+                            "optimizer.warmup_steps": 10, "sample.max_new_tokens": 16,
+                            "sample.prompt": "ROMEO:"})
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
+    summary = train_and_evaluate(config, str(tmp_path))
+    assert signal.getsignal(signal.SIGTERM) is sigterm_handler  # preemption handler removed
+    records = read_metrics(tmp_path)
+    evals = [r["eval/loss"] for r in records if "eval/loss" in r]
+    first_loss = records[1]["train/loss"]
+    assert abs(first_loss - np.log(259)) < 0.3  # untrained: about uniform over the bytes
+    assert evals[-1] < first_loss - 2.0, (first_loss, evals)
+    assert summary["sample"].startswith("ROMEO:") and len(summary["sample"]) > len("ROMEO:")
+    for key in ("train/loss", "train/learning_rate", "train/tokens_per_sec", "train/mfu",
+                "eval/loss", "eval/perplexity"):
+        assert any(key in r for r in records), key
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["num_train_steps"] == 60
+    assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))
+
+
+def cli(workdir, *overrides):
+    args = [sys.executable, "-m", "llmjax.train", "--config=tests/tiny_config.py",
+            f"--workdir={workdir}", *overrides]
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path):
+    steps = ["--config.num_train_steps=40", "--config.checkpoint_every_steps=5",
+             "--config.eval_every_steps=20"]
+    reference = train_and_evaluate(tiny_config(num_train_steps=40, checkpoint_every_steps=5,
+                                               eval_every_steps=20), str(tmp_path / "straight"))
+    del reference
+    workdir = tmp_path / "killed"
+    proc = cli(workdir, *steps)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "5").exists():  # appears complete: renamed atomically
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged_before_kill = max(losses_by_step(workdir))
+    assert logged_before_kill < 40, "the run finished before it was killed"
+
+    proc = cli(workdir, *steps)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "Resumed from" in out
+    resumed, straight = losses_by_step(workdir), losses_by_step(tmp_path / "straight")
+    assert sorted(resumed) == list(range(1, 41))  # every step once, none twice
+    assert sorted(tensorboard_steps(workdir / "tensorboard", "train/loss")) == sorted(resumed)
+    steps_after = [s for s in straight if s > 5]
+    np.testing.assert_allclose([resumed[s] for s in steps_after],
+                               [straight[s] for s in steps_after], rtol=0, atol=1e-6)
+
+
+def test_bad_config_key_fails_with_one_clear_line(tmp_path):
+    proc = cli(tmp_path, "--config.optimizer.shedule=cosine")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "shedule" in err
+    assert "Traceback" not in err
+
+    proc = cli(tmp_path, "--config.optimizer.schedule=cosin")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == ["error: config.optimizer.schedule='cosin': choose one of "
+                     "('cosine', 'linear', 'constant', 'wsd', 'rsqrt')"]
+    assert "Traceback" not in err
+
+
+def tensorboard_steps(logdir, tag):
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+
+    steps = []
+    for name in sorted(os.listdir(logdir)):
+        for record in tf.data.TFRecordDataset(os.path.join(logdir, name)):
+            event = event_pb2.Event.FromString(record.numpy())
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+def test_resume_drops_tensorboard_points_past_the_checkpoint(tmp_path):
+    from clu import metric_writers
+
+    from llmjax.training import metrics
+
+    logdir = str(tmp_path / "tensorboard")
+    first = metric_writers.SummaryWriter(logdir)  # a run that logged 1..8, checkpointed at 5
+    for step in range(1, 9):
+        first.write_scalars(step, {"train/loss": 10.0 - step})
+    first.close()
+    metrics.drop_events_after(logdir, 5)
+    time.sleep(1.1)  # event file names carry the second they were opened in
+    resumed = metric_writers.SummaryWriter(logdir)
+    for step in range(6, 11):
+        resumed.write_scalars(step, {"train/loss": 1.0})
+    resumed.close()
+    assert sorted(tensorboard_steps(logdir, "train/loss")) == list(range(1, 11))
