@@ -8,8 +8,8 @@ BERT classifier see configs/bert_sentiment.py, which trains with config.task="cl
                print(build_model(model_config(get_config().model), 0))"
 Hardware: any; a CPU runs it.
 Expect:   109,483,778 parameters: google-bert/bert-base-uncased's 109,482,240 plus the
-          classifier (tests/integration/test_hf.py checks it). A checkpoint without a classifier (the
-          released one) loads with a fresh one, as in transformers.
+          classifier (tests/integration/test_hf.py checks it). A checkpoint without a
+          classifier (the released one) loads with a fresh one, as in transformers.
 """
 
 import ml_collections
