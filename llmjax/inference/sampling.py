@@ -1,44 +1,56 @@
-"""Sampling text from a model: a plain loop that reruns the model over a fixed buffer.
+"""Choosing the next token, with every request's settings as traced arrays.
 
-Each new token costs one full forward over `len(prompt) + max_new_tokens` positions;
-that is fine for the short samples printed after training. (A KV-cache decoder is a
-later piece of work.)
+`choose` samples one token per row of a [rows, vocab] logits batch, each row with its own
+temperature (0: greedy), top-k (0: off), top-p (1: off) and random key, so a batch mixing
+settings runs the one compiled step. Filtering follows transformers and vLLM: temperature,
+then top-k, then top-p (the smallest set of most likely tokens whose probability reaches
+top_p). `logprobs` reports the model's own distribution (log_softmax of the logits, before
+any temperature or filter), as OpenAI-style APIs do.
 """
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 
-def sample_tokens(graphdef: nnx.GraphDef, params: Any, prompt: list[int], *,
-                  max_new_tokens: int, temperature: float, top_k: int, seed: int) -> list[int]:
-    """prompt ids -> prompt + `max_new_tokens` sampled ids (temperature 0: greedy)."""
-    if not prompt:
-        raise ValueError("sampling needs a prompt of at least one token (e.g. the BOS id)")
-    start, total = len(prompt), len(prompt) + max_new_tokens
-    buffer = jnp.zeros((1, total), jnp.int32).at[0, :start].set(jnp.asarray(prompt, jnp.int32))
+def request_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
+    """One random key per row from its request's seed and the position it samples for,
+    so a request's draws depend on neither its slot nor what shares the batch."""
+    return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
 
-    @jax.jit
-    def run(params, buffer, key):
-        model = nnx.merge(graphdef, params)
 
-        def body(t, carry):
-            tokens, key = carry
-            logits = model(tokens)[0, t - 1]  # causal: positions >= t do not matter
-            key, subkey = jax.random.split(key)
-            if temperature == 0:
-                token = jnp.argmax(logits)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = jax.lax.top_k(logits, top_k)[0][-1]
-                    logits = jnp.where(logits < kth, -jnp.inf, logits)
-                token = jax.random.categorical(subkey, logits)
-            return tokens.at[0, t].set(token.astype(jnp.int32)), key
+def choose(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+           keys: jax.Array) -> jax.Array:
+    """logits [rows, vocab] float32 -> token ids [rows] int32."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    filtering = jnp.any((top_k > 0) | (top_p < 1.0))
+    # Sorting the vocabulary is the costly part: skipped when no row filters.
+    sampled = jax.lax.cond(filtering, _sample_filtered, _sample_all, scaled, top_k, top_p, keys)
+    return jnp.where(temperature > 0, sampled, greedy)
 
-        return jax.lax.fori_loop(start, total, body, (buffer, key))[0]
 
-    out = run(params, buffer, jax.random.key(seed))
-    return [int(t) for t in jax.device_get(out)[0]]
+def _sample_all(scaled, top_k, top_p, keys):
+    del top_k, top_p
+    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+
+def _sample_filtered(scaled, top_k, top_p, keys):
+    order = jnp.argsort(-scaled, axis=-1)
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(scaled.shape[-1])[None, :]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the better-ranked tokens
+    keep &= before < top_p[:, None]  # the most likely token always stays
+    index = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))
+    return jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def logprobs(logits: jax.Array, tokens: jax.Array, top_n: int
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(logprob of `tokens` [rows], the top_n token ids [rows, top_n] and their logprobs)
+    under log_softmax(logits [rows, vocab])."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+    top_lps, top_ids = jax.lax.top_k(log_probs, top_n)
+    return chosen, top_ids.astype(jnp.int32), top_lps

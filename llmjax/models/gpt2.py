@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmjax.models.kv_cache import Cache, init_cache, run_blocks_cached
 from llmjax.models.layers import (
     DTYPES,
     GELU_APPROXIMATE,
@@ -23,8 +24,10 @@ from llmjax.models.layers import (
     check_choice,
     classify_last_token,
     constrain,
+    lookup,
     param,
     run_blocks,
+    weight,
 )
 
 
@@ -92,6 +95,12 @@ class Block(nnx.Module):
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
+    def decode(self, x, cache, layer, positions):
+        attended, cache = self.attn.decode(self.attn_norm(x), positions, cache, layer)
+        x = x + attended
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("act_batch", "act_length", "act_embed")), cache
+
 
 class GPT2(nnx.Module):
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
@@ -121,10 +130,31 @@ class GPT2(nnx.Module):
         document (default 0..length-1); segment_ids [batch, length] keep attention
         inside a document.
         """
-        x = self.hidden_states(tokens, positions, segment_ids)
-        logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(DTYPES[self.cfg.dtype]))
-        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
-        return logits.astype(jnp.float32)
+        logits = self.logits(self.hidden_states(tokens, positions, segment_ids))
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final LayerNorm outputs [..., embed] -> next-token logits [..., vocab] float32
+        (the head is the token embedding, transposed)."""
+        return (x @ weight(self.embed, DTYPES[self.cfg.dtype]).T).astype(jnp.float32)
+
+    def init_cache(self, batch: int, length: int) -> Cache:
+        """An empty key/value cache for `batch` rows of `length` positions."""
+        cfg = self.cfg
+        return init_cache(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim,
+                          DTYPES[cfg.dtype])
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: Cache
+               ) -> tuple[jax.Array, Cache]:
+        """The cached forward (llmjax.models.kv_cache): tokens [batch, T] at positions
+        [batch, T] (< max_positions) -> (final LayerNorm outputs [batch, T, embed], the
+        cache with their keys and values)."""
+        cfg = self.cfg
+        x = lookup(self.embed, tokens) + lookup(self.pos_embed, positions)
+        x = constrain(x.astype(DTYPES[cfg.dtype]), ("act_batch", "act_length", "act_embed"))
+        x, cache = run_blocks_cached(self.blocks, x, cache, positions,
+                                     scan_layers=cfg.scan_layers)
+        return self.final_norm(x), cache
 
     def classify(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
@@ -133,7 +163,7 @@ class GPT2(nnx.Module):
         if not self.cfg.num_labels:
             raise ValueError("this model has no classifier head: set config.model.num_labels")
         x = self.hidden_states(tokens, positions, segment_ids)
-        return classify_last_token(x, segment_ids, self.score[...].astype(DTYPES[self.cfg.dtype]))
+        return classify_last_token(x, segment_ids, weight(self.score, DTYPES[self.cfg.dtype]))
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None,
                       segment_ids: jax.Array | None) -> jax.Array:
@@ -144,8 +174,7 @@ class GPT2(nnx.Module):
                              f"config.model.max_positions={cfg.max_positions}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = jnp.take(self.embed[...], tokens, axis=0) + jnp.take(self.pos_embed[...], positions,
-                                                                  axis=0)
+        x = lookup(self.embed, tokens) + lookup(self.pos_embed, positions)
         x = constrain(x.astype(DTYPES[cfg.dtype]), ("act_batch", "act_length", "act_embed"))
         x = run_blocks(self.blocks, x, segment_ids, scan_layers=cfg.scan_layers,
                        remat_policy=cfg.remat_policy)

@@ -13,7 +13,10 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import linen, nnx
+
+from llmjax.models.kv_cache import Cache, cached_attention
 
 Initializer = Callable[..., jax.Array]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -27,6 +30,25 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequenc
     # eager_sharding=False: the state is sharded once, by llmjax.parallel.sharding, not at creation.
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
                      eager_sharding=False)
+
+
+def weight(variable: nnx.Variable, dtype: jnp.dtype) -> jax.Array:
+    """A weight's value in the compute dtype. Weights stored as int8 with scales (a qwix
+    QArray, llmjax.inference.quantize) are dequantized here."""
+    value = variable.get_value()
+    if isinstance(value, qwix.QArray):
+        value = qwix.dequantize(value)
+    return value.astype(dtype)
+
+
+def lookup(variable: nnx.Variable, ids: jax.Array, dtype: jnp.dtype | None = None
+           ) -> jax.Array:
+    """Rows `ids` of an embedding table [rows, dim], in `dtype` (default: the table's); an
+    int8 table dequantizes only the rows it gives."""
+    value = variable.get_value()
+    rows = (qwix.dequantize(value[ids]) if isinstance(value, qwix.QArray)
+            else jnp.take(value, ids, axis=0))
+    return rows if dtype is None else rows.astype(dtype)
 
 
 def constrain(x: jax.Array, axes: Sequence[str]) -> jax.Array:
@@ -179,16 +201,30 @@ class MultiHeadAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """x [batch, length, embed] -> [batch, length, embed]."""
+        q, k, v = self._project(x)
+        return self._output(attention(q, k, v, segment_ids, self.impl, causal=self.causal))
+
+    def decode(self, x: jax.Array, positions: jax.Array, cache: Cache, layer: jax.Array | int
+               ) -> tuple[jax.Array, Cache]:
+        """The cached, causal form (llmjax.models.kv_cache): x [batch, T, embed] at
+        `positions` [batch, T] -> (the same shape, the cache with this layer's keys)."""
+        q, k, v = self._project(x)
+        out, cache = cached_attention(q, k, v, positions, cache, layer)
+        return self._output(out), cache
+
+    def _project(self, x):
         dt = self.dtype
 
         def project(w, b):
-            return jnp.einsum("bld,dhk->blhk", x, w[...].astype(dt)) + b[...].astype(dt)
+            return jnp.einsum("bld,dhk->blhk", x, weight(w, dt)) + b[...].astype(dt)
 
         q = project(self.q, self.q_bias)
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
-        k, v = project(self.k, self.k_bias), project(self.v, self.v_bias)
-        out = attention(q, k, v, segment_ids, self.impl, causal=self.causal)
-        return (jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(dt))
+        return q, project(self.k, self.k_bias), project(self.v, self.v_bias)
+
+    def _output(self, out):
+        dt = self.dtype
+        return (jnp.einsum("blhk,hkd->bld", out, weight(self.o, dt))
                 + self.o_bias[...].astype(dt))
 
 
@@ -210,10 +246,10 @@ class GeluMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        hidden = x @ self.up[...].astype(dt) + self.up_bias[...].astype(dt)
+        hidden = x @ weight(self.up, dt) + self.up_bias[...].astype(dt)
         hidden = jax.nn.gelu(hidden, approximate=self.approximate)
         hidden = constrain(hidden, ("act_batch", "act_length", "act_mlp"))
-        return hidden @ self.down[...].astype(dt) + self.down_bias[...].astype(dt)
+        return hidden @ weight(self.down, dt) + self.down_bias[...].astype(dt)
 
 
 REMAT_POLICIES = {

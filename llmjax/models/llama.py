@@ -2,6 +2,8 @@
 
 Read top to bottom: `LlamaConfig` (the numbers), `Attention`, `MLP`, `Block` (one
 pre-norm residual layer), `Llama` (embeddings, a stack of blocks, final norm, head).
+Training calls `Llama.__call__`; generation the same modules through `decode`, which
+threads an explicit key/value cache (llmjax.models.kv_cache).
 Blocks are created stacked along a leading `layers` axis, so the same parameters run
 under `jax.lax.scan` (fast compile) or unrolled (`scan_layers=False`).
 
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmjax.models.kv_cache import Cache, cached_attention, init_cache, run_blocks_cached
 from llmjax.models.layers import (
     DTYPES,
     REMAT_POLICIES,
@@ -28,10 +31,12 @@ from llmjax.models.layers import (
     constrain_tokens,
     length_is_split,
     llama3_rope_scaling,
+    lookup,
     param,
     rope_frequencies,
     rope_tables,
     run_blocks,
+    weight,
 )
 
 
@@ -122,11 +127,24 @@ class Attention(nnx.Module):
         Projections are plain 2-D matmuls on whatever layout x has; only attention itself
         sees [batch, length, heads, head_dim] (batch and length from `cos`).
         """
+        q, k, v = self._project(x, cos, sin)
+        out = attention(q, k, v, segment_ids, self.impl, sliding_window=self.sliding_window)
+        return self._output(out, x.shape)
+
+    def decode(self, x, cos, sin, positions, cache, layer):
+        """The cached form (llmjax.models.kv_cache): x [batch, T, embed] at `positions`
+        [batch, T] -> (the same shape, the cache with this layer's keys and values)."""
+        q, k, v = self._project(x, cos, sin)
+        out, cache = cached_attention(q, k, v, positions, cache, layer,
+                                      sliding_window=self.sliding_window)
+        return self._output(out, x.shape), cache
+
+    def _project(self, x, cos, sin):
         dt = self.dtype
         batch, length = cos.shape[:2]
 
         def project(w):  # [embed, heads, head_dim]
-            w = w[...].astype(dt)
+            w = weight(w, dt)
             return (x @ w.reshape(w.shape[0], -1)).reshape(batch, length, *w.shape[1:])
 
         q, k, v = project(self.q), project(self.k), project(self.v)
@@ -135,10 +153,11 @@ class Attention(nnx.Module):
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
         q = constrain(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
-        k = apply_rope(k, cos, sin)
-        out = attention(q, k, v, segment_ids, self.impl, sliding_window=self.sliding_window)
-        o = self.o[...].astype(dt)  # [heads, head_dim, embed]
-        return out.reshape(*x.shape[:-1], -1) @ o.reshape(-1, o.shape[-1])
+        return q, apply_rope(k, cos, sin), v
+
+    def _output(self, out, shape):
+        o = weight(self.o, self.dtype)  # [heads, head_dim, embed]
+        return out.reshape(*shape[:-1], -1) @ o.reshape(-1, o.shape[-1])
 
 
 class MLP(nnx.Module):
@@ -154,9 +173,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = self.dtype
-        hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        hidden = jax.nn.silu(x @ weight(self.gate, dt)) * (x @ weight(self.up, dt))
         hidden = constrain_tokens(hidden, "act_mlp")
-        return hidden @ self.down[...].astype(dt)
+        return hidden @ weight(self.down, dt)
 
 
 class Block(nnx.Module):
@@ -173,6 +192,12 @@ class Block(nnx.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain_tokens(x, "act_embed")
+
+    def decode(self, x, cache, layer, cos, sin, positions):
+        attended, cache = self.attn.decode(self.attn_norm(x), cos, sin, positions, cache, layer)
+        x = x + attended
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain_tokens(x, "act_embed"), cache
 
 
 class Llama(nnx.Module):
@@ -203,12 +228,35 @@ class Llama(nnx.Module):
         positions [batch, length] restart at 0 for each packed document (default
         0..length-1); segment_ids [batch, length] keep attention inside a document.
         """
-        cfg = self.cfg
         x = self.hidden_states(tokens, positions, segment_ids)
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = (x @ head.astype(DTYPES[cfg.dtype])).reshape(*tokens.shape, -1)
-        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
-        return logits.astype(jnp.float32)
+        logits = self.logits(x).reshape(*tokens.shape, -1)
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final-norm outputs [..., embed] -> next-token logits [..., vocab] float32."""
+        cfg = self.cfg
+        dt = DTYPES[cfg.dtype]
+        head = weight(self.embed, dt).T if cfg.tie_embeddings else weight(self.lm_head, dt)
+        return (x @ head).astype(jnp.float32)
+
+    def init_cache(self, batch: int, length: int) -> Cache:
+        """An empty key/value cache for `batch` rows of `length` positions."""
+        cfg = self.cfg
+        return init_cache(cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim,
+                          DTYPES[cfg.dtype])
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: Cache
+               ) -> tuple[jax.Array, Cache]:
+        """The cached forward (llmjax.models.kv_cache): tokens [batch, T] at positions
+        [batch, T] -> (final-norm outputs [batch, T, embed], the cache with their keys and
+        values). A prompt (T = its length) or one new token per row (T = 1)."""
+        cfg = self.cfg
+        x = lookup(self.embed, tokens, DTYPES[cfg.dtype])
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        cos, sin = rope_tables(positions, cfg.rope_frequencies())
+        x, cache = run_blocks_cached(self.blocks, x, cache, cos, sin, positions,
+                                     scan_layers=cfg.scan_layers)
+        return self.final_norm(x), cache
 
     def classify(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
@@ -218,7 +266,7 @@ class Llama(nnx.Module):
         if not cfg.num_labels:
             raise ValueError("this model has no classifier head: set config.model.num_labels")
         x = self.hidden_states(tokens, positions, segment_ids).reshape(*tokens.shape, -1)
-        return classify_last_token(x, segment_ids, self.score[...].astype(DTYPES[cfg.dtype]))
+        return classify_last_token(x, segment_ids, weight(self.score, DTYPES[cfg.dtype]))
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None,
                       segment_ids: jax.Array | None) -> jax.Array:
@@ -227,7 +275,7 @@ class Llama(nnx.Module):
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[cfg.dtype])
+        x = lookup(self.embed, tokens, DTYPES[cfg.dtype])
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         if not length_is_split():
             # The residual stream as [batch * length, embed]: every matmul is a plain 2-D

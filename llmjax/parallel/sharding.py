@@ -141,6 +141,16 @@ def param_shardings(abstract_state: Any, mesh: Mesh, rules: Sequence[tuple[str, 
                         logical, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def place_model(model: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+    """An nnx model with each parameter moved to its sharding under `rules` on `mesh`."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    placed = jax.device_put(nnx.to_pure_dict(state), param_shardings(state, mesh, rules))
+    nnx.replace_by_pure_dict(state, placed)
+    return nnx.merge(graphdef, state)
+
+
 def _path_key(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 

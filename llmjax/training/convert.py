@@ -65,17 +65,11 @@ def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
                        model_cfg=run.model_cfg)
     else:
         model = restore.load_model(source)
-    hf.save_pretrained(model, out, tokenizer=_tokenizer(source, run_dir, run_config),
-                       dtype=dtype, max_shard_size=max_shard_size)
+    tokenizer: Any = restore.tokenizer_spec(source)
+    if tokenizer == "byte":
+        tokenizer = ByteTokenizer()  # no files, but its bos/eos/pad ids go into config.json
+    elif tokenizer is None:
+        logging.warning("%s: no tokenizer directory found; exporting the model alone", source)
+    hf.save_pretrained(model, out, tokenizer=tokenizer, dtype=dtype,
+                       max_shard_size=max_shard_size)
     return out
-
-
-def _tokenizer(source: str, run_dir: str, run_config: dict[str, Any]) -> Any:
-    spec = run_config.get("data", {}).get("tokenizer", "")
-    for candidate in (os.path.join(run_dir, workdir.TOKENIZER), os.path.expanduser(spec)):
-        if os.path.isdir(candidate):
-            return candidate
-    if spec == "byte":
-        return ByteTokenizer()  # no files, but its bos/eos/pad ids go into config.json
-    logging.warning("%s: no tokenizer directory found; exporting the model alone", source)
-    return None

@@ -13,11 +13,13 @@ import jax
 import ml_collections
 from absl import logging
 from etils import epath
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from llmjax import workdir as run_dir
 from llmjax.config import to_json
-from llmjax.inference.sampling import sample_tokens
+from llmjax.inference.engine import Engine
+from llmjax.inference.requests import SamplingParams
 from llmjax.models import flops_per_token
 from llmjax.parallel import distributed, sharding
 from llmjax.training import checkpoint, metrics, setup
@@ -149,10 +151,16 @@ def _start_line(run: setup.Run, first_step: int, peak: float, peak_source: str) 
 
 
 def _sample(run: setup.Run, params: Any, tokenizer: Any) -> str:
-    """The prompt of `config.sample` and what the trained model continues it with."""
+    """The prompt of `config.sample` and what the trained model continues it with, through
+    the inference engine (until EOS or sample.max_new_tokens)."""
     sample = run.config.sample
     prompt = [tokenizer.bos_id] + tokenizer.encode(sample.prompt)
-    ids = sample_tokens(run.graphdef, params, prompt, max_new_tokens=sample.max_new_tokens,
-                        temperature=sample.temperature, top_k=sample.top_k,
-                        seed=run.config.seed)
-    return tokenizer.decode(ids)
+    model = nnx.merge(run.graphdef, params)
+    with Engine(model, max_slots=1, max_seq_len=len(prompt) + sample.max_new_tokens,
+                prefill_buckets=(len(prompt),), eos_ids=(tokenizer.eos_id,), mesh=run.mesh,
+                rules=run.rules) as engine:
+        engine.warmup()
+        [request] = engine.generate([prompt], SamplingParams(
+            max_tokens=sample.max_new_tokens, temperature=sample.temperature,
+            top_k=sample.top_k, seed=run.config.seed))
+    return tokenizer.decode(prompt + request.tokens)

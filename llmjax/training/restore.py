@@ -10,6 +10,7 @@ its init_from (or its seed), its adapters from the checkpoint.
 """
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,8 @@ import ml_collections
 from flax import nnx
 
 from llmjax import hf, workdir
-from llmjax.data.tokenizer import load_tokenizer
+from llmjax.data.tokenizer import Tokenizer, load_tokenizer
+from llmjax.hf.writer import TOKENIZER_FILES
 from llmjax.models import build_model
 from llmjax.parallel import sharding
 from llmjax.training import checkpoint, init_from, lora, setup
@@ -93,3 +95,27 @@ def load_model(path: str, *, mesh: jax.sharding.Mesh | None = None,
     graphdef, abstract = nnx.split(jax.eval_shape(lambda: build_model(cfg, 0)))
     shardings = sharding.param_shardings(abstract, mesh, rules)
     return nnx.merge(graphdef, init_from.load_params(stored, cfg, shardings))
+
+
+def tokenizer_spec(path: str) -> str | None:
+    """Where the tokenizer of a model path is, as llmjax.data.tokenizer.load_tokenizer takes
+    it: an HF directory's own files, a run's tokenizer/ or its data.tokenizer directory, or
+    "byte"; None if the path has none."""
+    if workdir.is_hf_dir(path):
+        return path if any(os.path.isfile(os.path.join(path, name))
+                           for name in TOKENIZER_FILES) else None
+    run_dir, _, _ = workdir.split_checkpoint(path)
+    spec = workdir.read_config(run_dir).get("data", {}).get("tokenizer", "")
+    for candidate in (os.path.join(run_dir, workdir.TOKENIZER), os.path.expanduser(spec)):
+        if os.path.isdir(candidate):
+            return candidate
+    return "byte" if spec == "byte" else None
+
+
+def load_tokenizer_of(path: str) -> Tokenizer:
+    """The tokenizer that goes with the model at `path` (see `tokenizer_spec`)."""
+    spec = tokenizer_spec(path)
+    if spec is None:
+        raise FileNotFoundError(f"{path} has no tokenizer (no tokenizer files, no "
+                                "tokenizer/ directory, and its data.tokenizer is not one)")
+    return load_tokenizer(spec)

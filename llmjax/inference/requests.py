@@ -1,0 +1,115 @@
+"""What a caller asks of the engine and what it gets back: sampling settings and requests.
+
+A `Request` is filled in as the engine generates: the completion's token ids, each one's
+logprob and top alternatives, the prompt's logprobs if asked, and why it finished
+("stop": EOS, a stop token or a stop string; "length": max_tokens). Stop strings are
+matched on the decoded completion text: the text ends before the stop string.
+"""
+
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+
+FINISH_STOP, FINISH_LENGTH = "stop", "length"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16  # tokens to generate at most (0: score the prompt only)
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # each ends the completion where it appears
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int = 0  # top alternatives reported per generated token (at most TOP_N)
+    prompt_logprobs: bool = False  # the logprob of each prompt token given those before
+
+    def check(self, top_n: int) -> None:
+        """ValueError naming the first field out of range."""
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0: greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0: off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if not 0 <= self.logprobs <= top_n:
+            raise ValueError(f"logprobs={self.logprobs} must be in [0, {top_n}]")
+        if not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    # Prompt token i given tokens < i (None for the first); filled if params.prompt_logprobs.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    text: str | None = None  # the completion, when the engine has a detokenizer
+    finish_reason: str | None = None
+    num_generated: int = 0  # sampled tokens, including a final EOS or stop token
+    cancelled: bool = False
+    # Called from the engine's thread after every new token and once when finished.
+    on_update: Callable[["Request"], None] | None = None
+    _done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def cancel(self) -> None:
+        """Leave the engine at its next step (the client went away)."""
+        self.cancelled = True
+
+
+def accept(request: Request, token: int, logprob: float, top: Sequence[tuple[int, float]],
+           eos_ids: Sequence[int], detokenize: Callable[[list[int]], str] | None,
+           room: int) -> bool:
+    """Record a sampled token; True when the request is finished (`room`: tokens the
+    cache still has for it)."""
+    params = request.params
+    request.num_generated += 1
+    if (token in params.stop_token_ids) or (token in eos_ids and not params.ignore_eos):
+        return _finish(request, FINISH_STOP)
+    request.tokens.append(token)
+    request.logprobs.append(logprob)
+    request.top_logprobs.append(list(top[:params.logprobs]))
+    if detokenize is not None:
+        request.text = detokenize(request.tokens)
+        for stop in params.stop:
+            where = request.text.find(stop)
+            if where >= 0:
+                request.text = request.text[:where]
+                return _finish(request, FINISH_STOP)
+    if len(request.tokens) >= params.max_tokens or room <= 0:
+        return _finish(request, FINISH_LENGTH)
+    _notify(request)
+    return False
+
+
+def _finish(request: Request, reason: str) -> bool:
+    request.finish_reason = reason
+    _notify(request)
+    request._done.set()
+    return True
+
+
+def finish(request: Request, reason: str) -> None:
+    _finish(request, reason)
+
+
+def _notify(request: Request) -> None:
+    if request.on_update is not None:
+        request.on_update(request)
