@@ -38,7 +38,7 @@ from flax import nnx
 
 from llmjax.inference import requests, sampling
 from llmjax.inference.requests import Request, SamplingParams
-from llmjax.models.kv_cache import CACHE_AXES
+from llmjax.models.kv_cache import CACHE_AXES, unstack_layers
 from llmjax.parallel import sharding
 
 TOP_N = 20  # alternatives computed per token (OpenAI's top_logprobs maximum)
@@ -76,7 +76,7 @@ class Engine:
         if max_seq_len > positions:  # learned positions (GPT-2) end there
             raise ValueError(f"max_seq_len={max_seq_len} is longer than the model's "
                              f"{positions} learned positions")
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, self.params = nnx.split(unstack_layers(model))
         self.max_slots, self.max_seq_len, self.buckets = max_slots, max_seq_len, buckets
         self.eos_ids, self.detokenize = tuple(eos_ids), detokenize
         self.score_prompts = prompt_logprobs
@@ -158,7 +158,7 @@ class Engine:
         model = nnx.merge(self.graphdef, self.params)
         shapes = jax.eval_shape(lambda: model.init_cache(self.max_slots, self.max_seq_len))
         return jax.tree.map(lambda s: sharding.mesh_sharding(
-            self.mesh, self.rules, CACHE_AXES, s.shape), shapes)
+            self.mesh, self.rules, CACHE_AXES[-len(s.shape):], s.shape), shapes)
 
     # --- The compiled functions ---------------------------------------------------------------
 
@@ -259,17 +259,17 @@ class Engine:
                 self._admit(self._waiting.popleft(), slot)
         if not any(r is not None for r in self._slots):
             return
-        outputs = self._compiled["generate"](self.params, self._cache, *self._slot_arrays())
-        self._cache, *results = outputs
-        tokens, logprobs, top_ids, top_lps = (np.asarray(x) for x in results)
+        self._cache, tokens, logprobs, top_ids, top_lps = self._compiled["generate"](
+            self.params, self._cache, *self._slot_arrays())
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         for slot, request in enumerate(self._slots):
             if request is None:
                 continue
             position = int(self._positions[slot]) + 1
             self._tokens[slot], self._positions[slot] = tokens[slot], position
-            top = list(zip(top_ids[slot].tolist(), top_lps[slot].tolist()))
-            if requests.accept(request, int(tokens[slot]), float(logprobs[slot]), top,
-                               self.eos_ids, self.detokenize, self.max_seq_len - 1 - position):
+            if requests.accept(request, int(tokens[slot]), float(logprobs[slot]),
+                               _top(top_ids, top_lps, slot), self.eos_ids, self.detokenize,
+                               self.max_seq_len - 1 - position):
                 self._free(slot)
 
     def _admit(self, request: Request, slot: int) -> None:
@@ -284,13 +284,13 @@ class Engine:
             self._record_prompt_logprobs(request, self._compiled["score", bucket](
                 self.params, hidden, tokens))
         if request.params.max_tokens == 0:
-            requests.finish(request, requests.FINISH_LENGTH)
+            requests.finish(request, requests.FINISH_LENGTH, self.detokenize)
             return
         self._cache = self._compiled["insert", bucket](self._cache, prefix, np.int32(slot))
-        top = list(zip(np.asarray(top_ids)[0].tolist(), np.asarray(top_lps)[0].tolist()))
         token = int(np.asarray(token)[0])
-        if requests.accept(request, token, float(np.asarray(logprob)[0]), top, self.eos_ids,
-                           self.detokenize, self.max_seq_len - 1 - length):
+        if requests.accept(request, token, float(np.asarray(logprob)[0]),
+                           _top(top_ids, top_lps, 0), self.eos_ids, self.detokenize,
+                           self.max_seq_len - 1 - length):
             return
         self._slots[slot] = request
         self._tokens[slot], self._positions[slot] = token, length
@@ -309,7 +309,7 @@ class Engine:
     def _retire_cancelled(self) -> None:
         for slot, request in enumerate(self._slots):
             if request is not None and request.cancelled:
-                requests.finish(request, requests.FINISH_STOP)
+                requests.finish(request, requests.FINISH_STOP, self.detokenize)
                 self._free(slot)
         kept = [r for r in self._waiting if not r.cancelled]
         for request in self._waiting:
@@ -343,8 +343,16 @@ class Engine:
         return submitted
 
 
+def _top(top_ids: jax.Array, top_lps: jax.Array, row: int
+         ) -> Callable[[], list[tuple[int, float]]]:
+    """Row `row`'s (token, logprob) alternatives, copied to the host only when asked for."""
+    return lambda: list(zip(np.asarray(top_ids)[row].tolist(),
+                            np.asarray(top_lps)[row].tolist()))
+
+
 def _insert(cache: Any, prefix: Any, slot: jax.Array) -> Any:
-    """The prefilled cache of one request [layers, 1, bucket, ...] into `slot`'s rows of
-    the decode cache [layers, slots, max_seq_len, ...]."""
+    """The prefilled cache of one request ([1, bucket, kv_heads, head_dim] per layer) into
+    `slot`'s row of the decode cache ([slots, max_seq_len, kv_heads, head_dim] per layer;
+    a stacked cache has a leading layers axis)."""
     return jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice(
-        c, p.astype(c.dtype), (0, slot) + (0,) * (c.ndim - 2)), cache, prefix)
+        c, p.astype(c.dtype), (0,) * (c.ndim - 4) + (slot, 0, 0, 0)), cache, prefix)

@@ -50,7 +50,7 @@ def quantize_model(model: nnx.Module, mode: str) -> nnx.Module:
         raise ValueError(f"quantize={mode!r}: choose one of {', '.join(QUANTIZE_MODES)}")
     if mode == "none":
         return model
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(nnx.clone(model))  # `model` itself is left as it is
     for path, variable in nnx.to_flat_state(state):
         name, value = str(path[-1]), variable.get_value()
         axes = tuple(getattr(variable, "out_sharding", None) or ())

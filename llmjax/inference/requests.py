@@ -74,42 +74,44 @@ class Request:
         self.cancelled = True
 
 
-def accept(request: Request, token: int, logprob: float, top: Sequence[tuple[int, float]],
-           eos_ids: Sequence[int], detokenize: Callable[[list[int]], str] | None,
-           room: int) -> bool:
-    """Record a sampled token; True when the request is finished (`room`: tokens the
-    cache still has for it)."""
+def accept(request: Request, token: int, logprob: float,
+           top: Callable[[], Sequence[tuple[int, float]]], eos_ids: Sequence[int],
+           detokenize: Callable[[list[int]], str] | None, room: int) -> bool:
+    """Record a sampled token; True when the request is finished. `top()` gives its most
+    likely alternatives (read only if asked for); `room`: tokens the cache still holds."""
     params = request.params
     request.num_generated += 1
     if (token in params.stop_token_ids) or (token in eos_ids and not params.ignore_eos):
-        return _finish(request, FINISH_STOP)
+        return finish(request, FINISH_STOP, detokenize)
     request.tokens.append(token)
     request.logprobs.append(logprob)
-    request.top_logprobs.append(list(top[:params.logprobs]))
-    if detokenize is not None:
-        request.text = detokenize(request.tokens)
-        for stop in params.stop:
-            where = request.text.find(stop)
-            if where >= 0:
-                request.text = request.text[:where]
-                return _finish(request, FINISH_STOP)
+    request.top_logprobs.append(list(top()[:params.logprobs]) if params.logprobs else [])
+    if params.stop and detokenize is not None and _stop_in_tail(request, detokenize):
+        text = detokenize(request.tokens)
+        request.text = text[:min(i for s in params.stop if (i := text.find(s)) >= 0)]
+        return finish(request, FINISH_STOP, None)
     if len(request.tokens) >= params.max_tokens or room <= 0:
-        return _finish(request, FINISH_LENGTH)
-    _notify(request)
+        return finish(request, FINISH_LENGTH, detokenize)
+    if request.on_update is not None:
+        request.on_update(request)
     return False
 
 
-def _finish(request: Request, reason: str) -> bool:
+def _stop_in_tail(request: Request, detokenize: Callable[[list[int]], str]) -> bool:
+    """Whether a stop string ends in the text of the newest tokens: only the newest token
+    can complete one, and a string of n characters spans at most 4n tokens (bytes)."""
+    longest = max(len(s) for s in request.params.stop)
+    tail = detokenize(request.tokens[-(4 * longest + 4):])
+    return any(s in tail for s in request.params.stop)
+
+
+def finish(request: Request, reason: str,
+           detokenize: Callable[[list[int]], str] | None = None) -> bool:
+    """Mark the request finished (its text decoded, if there is a detokenizer)."""
+    if detokenize is not None:
+        request.text = detokenize(request.tokens)
     request.finish_reason = reason
-    _notify(request)
-    request._done.set()
-    return True
-
-
-def finish(request: Request, reason: str) -> None:
-    _finish(request, reason)
-
-
-def _notify(request: Request) -> None:
     if request.on_update is not None:
         request.on_update(request)
+    request._done.set()
+    return True

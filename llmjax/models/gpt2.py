@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llmjax.models.kv_cache import Cache, init_cache, run_blocks_cached
+from llmjax.models.kv_cache import Cache, init_cache, is_unstacked, run_blocks_cached
 from llmjax.models.layers import (
     DTYPES,
     GELU_APPROXIMATE,
@@ -95,11 +95,11 @@ class Block(nnx.Module):
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
-    def decode(self, x, cache, layer, positions):
-        attended, cache = self.attn.decode(self.attn_norm(x), positions, cache, layer)
+    def decode(self, x, layer_cache, positions):
+        attended, layer_cache = self.attn.decode(self.attn_norm(x), positions, layer_cache)
         x = x + attended
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("act_batch", "act_length", "act_embed")), cache
+        return constrain(x, ("act_batch", "act_length", "act_embed")), layer_cache
 
 
 class GPT2(nnx.Module):
@@ -142,7 +142,7 @@ class GPT2(nnx.Module):
         """An empty key/value cache for `batch` rows of `length` positions."""
         cfg = self.cfg
         return init_cache(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim,
-                          DTYPES[cfg.dtype])
+                          DTYPES[cfg.dtype], per_layer=is_unstacked(self.blocks))
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: Cache
                ) -> tuple[jax.Array, Cache]:

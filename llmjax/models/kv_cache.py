@@ -13,61 +13,106 @@ llmjax.parallel.sharding place it as they place the activations: rows over the b
 axes, kv_heads over `tensor`.
 """
 
-from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen, nnx
 
 CACHE_AXES = ("layers", "act_batch", None, "kv_heads", "head_dim")
-Cache = dict[str, jax.Array]
+Cache = dict[str, Any]  # {"k", "v"}: one stacked array, or a tuple of per-layer arrays
 
 
 def init_cache(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int,
-               dtype: jnp.dtype) -> Cache:
-    """An empty cache for `batch` rows of up to `length` positions."""
+               dtype: jnp.dtype, *, per_layer: bool) -> Cache:
+    """An empty cache for `batch` rows of up to `length` positions: [layers, batch, length,
+    kv_heads, head_dim] arrays, or with `per_layer` a tuple of [batch, length, kv_heads,
+    head_dim] ones (the layout of unstacked blocks, see `unstack_layers`)."""
+    if per_layer:
+        shape, axes = (batch, length, kv_heads, head_dim), CACHE_AXES[1:]
+        return {name: tuple(linen.with_logical_constraint(jnp.zeros(shape, dtype), axes)
+                            for _ in range(num_layers)) for name in ("k", "v")}
     shape = (num_layers, batch, length, kv_heads, head_dim)
     return {name: linen.with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES)
             for name in ("k", "v")}
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                     cache: Cache, layer: jax.Array | int, *, sliding_window: int = 0
+                     layer_cache: Cache, *, sliding_window: int = 0
                      ) -> tuple[jax.Array, Cache]:
-    """Causal attention of q [batch, T, heads, head_dim] at `positions` [batch, T] over
-    the cache, after writing this layer's k, v [batch, T, kv_heads, head_dim] into it.
+    """Causal attention of q [batch, T, heads, head_dim] at `positions` [batch, T] over one
+    layer's cache ([batch, length, kv_heads, head_dim] keys and values), after writing this
+    layer's k, v [batch, T, kv_heads, head_dim] into it.
 
-    Returns ([batch, T, heads, head_dim], the updated cache).
+    Returns ([batch, T, heads, head_dim], the layer's updated cache).
     """
     rows = jnp.arange(q.shape[0])[:, None]
-    cache = {name: cache[name].at[layer, rows, positions].set(x.astype(cache[name].dtype))
-             for name, x in (("k", k), ("v", v))}
-    keys, values = cache["k"][layer], cache["v"][layer]
+    layer_cache = {name: layer_cache[name].at[rows, positions].set(
+        x.astype(layer_cache[name].dtype)) for name, x in (("k", k), ("v", v))}
+    keys, values = layer_cache["k"], layer_cache["v"]
     slots = jnp.arange(keys.shape[1])[None, None, :]
     visible = slots <= positions[:, :, None]
     if sliding_window > 0:  # as in training: itself and the sliding_window - 1 before it
         visible &= slots > positions[:, :, None] - sliding_window
     out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
                                        mask=visible[:, None])
-    return out, cache
+    return out, layer_cache
+
+
+def unstack_layers(model: nnx.Module) -> nnx.Module:
+    """The model with each stacked block weight [layers, ...] held as a tuple of per-layer
+    arrays, for decoding: a decode step is a handful of matrix-vector products per layer,
+    and XLA:CPU copies a slice of a stacked weight (static or dynamic) before each one,
+    about 3-5x the product's own time. Prefill and decode then run the layers unrolled,
+    with one cache array per layer. (`model` itself is left as it is.)"""
+    graphdef, state = nnx.split(nnx.clone(model))
+    for _, variable in nnx.to_flat_state(state["blocks"]):
+        value = variable.get_value()
+        variable.set_value(tuple(value[i] for i in range(value.shape[0])))
+    return nnx.merge(graphdef, state)
+
+
+def is_unstacked(blocks: nnx.Module) -> bool:
+    """Whether `unstack_layers` made these blocks' weights per-layer tuples."""
+    return isinstance(_first_weight(blocks), tuple)
+
+
+def _first_weight(blocks: nnx.Module) -> Any:
+    state = nnx.split(blocks)[1]
+    return jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, tuple))[0]
 
 
 def run_blocks_cached(blocks: nnx.Module, x: jax.Array, cache: Cache, *args,
                       scan_layers: bool) -> tuple[jax.Array, Cache]:
-    """x through a stack of blocks (parameters on a leading `layers` axis), each calling
-    `block.decode(x, cache, layer, *args) -> (x, cache)`; under jax.lax.scan the cache is
-    carried and updated in place, a layer at a time."""
+    """x through a stack of blocks, each calling `block.decode(x, layer_cache, *args) ->
+    (x, layer_cache)`. Unstacked blocks (`unstack_layers`) run unrolled over a per-layer
+    cache; stacked ones (weights on a leading `layers` axis) over a stacked cache, under
+    jax.lax.scan (`scan_layers`, the cache carried and updated in place) or unrolled."""
     block_graph, block_state = nnx.split(blocks)
-    num_layers = jax.tree.leaves(block_state)[0].shape[0]
+    first = _first_weight(blocks)
 
-    def run_block(carry, layer_state, layer) -> tuple[jax.Array, Cache]:
+    def run_block(x, layer_state, layer_cache) -> tuple[jax.Array, Cache]:
+        return nnx.merge(block_graph, layer_state).decode(x, layer_cache, *args)
+
+    if isinstance(first, tuple):  # unstacked: per-layer weights and cache arrays
+        new = []
+        for i in range(len(first)):
+            layer_state = jax.tree.map(lambda layers, i=i: layers[i], block_state,
+                                       is_leaf=lambda v: isinstance(v, tuple))
+            x, layer_cache = run_block(x, layer_state, {n: c[i] for n, c in cache.items()})
+            new.append(layer_cache)
+        return x, {n: tuple(layer[n] for layer in new) for n in cache}
+
+    def step(carry, xs):
         x, cache = carry
-        return nnx.merge(block_graph, layer_state).decode(x, cache, layer, *args)
+        layer_state, i = xs
+        x, layer_cache = run_block(x, layer_state, {n: c[i] for n, c in cache.items()})
+        return (x, {n: cache[n].at[i].set(layer_cache[n]) for n in cache}), None
 
+    num_layers = first.shape[0]
     if scan_layers:
-        step: Callable = lambda carry, xs: (run_block(carry, *xs), None)  # noqa: E731
         return jax.lax.scan(step, (x, cache), (block_state, jnp.arange(num_layers)))[0]
     carry = (x, cache)
     for i in range(num_layers):
-        carry = run_block(carry, jax.tree.map(lambda a, i=i: a[i], block_state), i)
+        carry = step(carry, (jax.tree.map(lambda a, i=i: a[i], block_state), i))[0]
     return carry

@@ -204,13 +204,13 @@ class MultiHeadAttention(nnx.Module):
         q, k, v = self._project(x)
         return self._output(attention(q, k, v, segment_ids, self.impl, causal=self.causal))
 
-    def decode(self, x: jax.Array, positions: jax.Array, cache: Cache, layer: jax.Array | int
+    def decode(self, x: jax.Array, positions: jax.Array, layer_cache: Cache
                ) -> tuple[jax.Array, Cache]:
         """The cached, causal form (llmjax.models.kv_cache): x [batch, T, embed] at
-        `positions` [batch, T] -> (the same shape, the cache with this layer's keys)."""
+        `positions` [batch, T] -> (the same shape, this layer's cache with their keys)."""
         q, k, v = self._project(x)
-        out, cache = cached_attention(q, k, v, positions, cache, layer)
-        return self._output(out), cache
+        out, layer_cache = cached_attention(q, k, v, positions, layer_cache)
+        return self._output(out), layer_cache
 
     def _project(self, x):
         dt = self.dtype

@@ -18,7 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llmjax.models.kv_cache import Cache, cached_attention, init_cache, run_blocks_cached
+from llmjax.models.kv_cache import (
+    Cache,
+    cached_attention,
+    init_cache,
+    is_unstacked,
+    run_blocks_cached,
+)
 from llmjax.models.layers import (
     DTYPES,
     REMAT_POLICIES,
@@ -131,13 +137,13 @@ class Attention(nnx.Module):
         out = attention(q, k, v, segment_ids, self.impl, sliding_window=self.sliding_window)
         return self._output(out, x.shape)
 
-    def decode(self, x, cos, sin, positions, cache, layer):
+    def decode(self, x, cos, sin, positions, layer_cache):
         """The cached form (llmjax.models.kv_cache): x [batch, T, embed] at `positions`
-        [batch, T] -> (the same shape, the cache with this layer's keys and values)."""
+        [batch, T] -> (the same shape, this layer's cache with their keys and values)."""
         q, k, v = self._project(x, cos, sin)
-        out, cache = cached_attention(q, k, v, positions, cache, layer,
-                                      sliding_window=self.sliding_window)
-        return self._output(out, x.shape), cache
+        out, layer_cache = cached_attention(q, k, v, positions, layer_cache,
+                                            sliding_window=self.sliding_window)
+        return self._output(out, x.shape), layer_cache
 
     def _project(self, x, cos, sin):
         dt = self.dtype
@@ -193,11 +199,12 @@ class Block(nnx.Module):
         x = x + self.mlp(self.mlp_norm(x))
         return constrain_tokens(x, "act_embed")
 
-    def decode(self, x, cache, layer, cos, sin, positions):
-        attended, cache = self.attn.decode(self.attn_norm(x), cos, sin, positions, cache, layer)
+    def decode(self, x, layer_cache, cos, sin, positions):
+        attended, layer_cache = self.attn.decode(self.attn_norm(x), cos, sin, positions,
+                                                 layer_cache)
         x = x + attended
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain_tokens(x, "act_embed"), cache
+        return constrain_tokens(x, "act_embed"), layer_cache
 
 
 class Llama(nnx.Module):
@@ -243,7 +250,7 @@ class Llama(nnx.Module):
         """An empty key/value cache for `batch` rows of `length` positions."""
         cfg = self.cfg
         return init_cache(cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim,
-                          DTYPES[cfg.dtype])
+                          DTYPES[cfg.dtype], per_layer=is_unstacked(self.blocks))
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: Cache
                ) -> tuple[jax.Array, Cache]:

@@ -74,7 +74,7 @@ def test_eos_stop_tokens_stop_strings_and_max_tokens_end_a_request():
     def run(tokens, **params):
         request = Request([1], SamplingParams(**{"max_tokens": 10, **params}))
         for token in tokens:
-            if requests.accept(request, token, -1.0, [], eos_ids=(2,),
+            if requests.accept(request, token, -1.0, lambda: [], eos_ids=(2,),
                                detokenize=lambda ids: "".join(chr(96 + i) for i in ids),
                                room=100):
                 break
