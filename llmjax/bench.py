@@ -3,11 +3,13 @@
 Run:  python -m llmjax.bench --config=configs/NAME.py [--config.KEY=VALUE ...] [--steps=N]
       python -m llmjax.bench --config=configs/bench_reference.py \\
           --reference=../shared/bench/baselines.py
+      python -m llmjax.bench --generate --reference=../shared/bench/baselines.py
 
 Times exactly what llmjax.train runs, on random tokens (llmjax.training.benchmark).
 `--reference=PATH` also times the same model in the reference implementations of that
 baselines file (plain JAX, Hugging Face transformers on eager torch), each in its own
-process and round-robin with ours (llmjax.training.benchmark_reference). Prints one table.
+process and round-robin with ours (llmjax.training.benchmark_reference). `--generate`
+times generation instead (llmjax.training.benchmark_generation). Prints one table.
 """
 
 import math
@@ -17,6 +19,7 @@ from ml_collections import config_flags
 
 from llmjax import cli
 from llmjax.training.benchmark import format_table, measure, table_header
+from llmjax.training.benchmark_generation import compare_generation
 from llmjax.training.benchmark_reference import compare_with_reference
 
 FLAGS = flags.FLAGS
@@ -29,10 +32,20 @@ flags.DEFINE_bool("packed", True, "Batches carry segment ids, like the training 
 flags.DEFINE_string("reference", "", "Path of a baselines file (shared/bench/baselines.py "
                     "beside this checkout): also time its plain-JAX and HF torch eager steps "
                     "of the same model, round-robin, each in its own process.")
+flags.DEFINE_bool("generate", False, "Time generation instead of training (needs --reference, "
+                  "whose model it runs): decode tok/s at 1, 8 and 32 sequences, time to first "
+                  "token, warm-up, beside HF generate and the plain-JAX KV-cache loop.")
+flags.DEFINE_integer("reps", 3, "With --generate: interleaved timings of each row.")
 
 
 def main(argv: list[str]) -> None:
     del argv
+    if FLAGS.generate:
+        if not FLAGS.reference:
+            raise ValueError("--generate times the reference model: give --reference="
+                             "PATH/baselines.py (shared/bench/baselines.py)")
+        print(compare_generation(FLAGS.reference, FLAGS.reps)[0], flush=True)
+        return
     config = cli.loaded_config(example="configs/bench_reference.py")
     if FLAGS.reference:
         rows, info = compare_with_reference(config, FLAGS.steps, FLAGS.warmup, FLAGS.reference,

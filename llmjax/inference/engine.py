@@ -17,14 +17,21 @@ A step:
     retire    a request leaves its slot at EOS, a stop token or string, or max_tokens, and
               a waiting request takes the slot at the next step
 
+The host never waits for a step before starting the next: step t + 1 is dispatched (its
+inputs are step t's outputs, still on the device) and then step t's tokens are read and
+checked, so the device is not idle while Python bookkeeps. A request that finishes at
+step t costs its slot one more (discarded) token.
+
 Every request's settings (temperature, top-k, top-p, seed) are arrays of the step, so no
 setting or prompt length compiles anything after `warmup`; `compilations` counts every
 XLA compilation since the engine was made (a jax.monitoring listener), so a test can
 assert that. The model runs the training modules and weights (llmjax.models: `decode`,
-`logits`, `init_cache`), so its logprobs are the training forward's.
+`logits`, `init_cache`), so its logprobs are the training forward's; its stacked layers
+are split per layer first (llmjax.models.kv_cache.unstack_layers).
 """
 
 import contextlib
+import functools
 import math
 import time
 from collections import deque
@@ -32,17 +39,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llmjax.inference import requests, sampling
+from llmjax.inference import requests, steps
 from llmjax.inference.requests import Request, SamplingParams
+from llmjax.inference.steps import TOP_N
 from llmjax.models.kv_cache import CACHE_AXES, unstack_layers
 from llmjax.parallel import sharding
 
-TOP_N = 20  # alternatives computed per token (OpenAI's top_logprobs maximum)
-SCORE_CHUNK = 64  # prompt positions whose [chunk, vocab] logits exist at once
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def default_buckets(max_seq_len: int, smallest: int = 32) -> tuple[int, ...]:
@@ -82,19 +88,25 @@ class Engine:
         self.score_prompts = prompt_logprobs
         self.mesh, self.rules = mesh, tuple(rules or ())
         self.compilations = 0
+        self.warmup_seconds = math.nan
         jax.monitoring.register_event_duration_secs_listener(self._count_compilation)
         self._compiled: dict[Any, Any] = {}
         self._cache = None
         self._waiting: deque[Request] = deque()
         self._slots: list[Request | None] = [None] * max_slots
-        # The generate step's inputs, one row per slot (free slots: zeros).
-        self._tokens = np.zeros(max_slots, np.int32)
-        self._positions = np.zeros(max_slots, np.int32)
+        # Per slot, on the host: the sampling settings, and an admitted request's first
+        # token and its position (the device keeps the running ones).
         self._temperature = np.zeros(max_slots, np.float32)
         self._top_k = np.zeros(max_slots, np.int32)
         self._top_p = np.ones(max_slots, np.float32)
         self._seeds = np.zeros(max_slots, np.int32)
-        self.warmup_seconds = math.nan
+        self._first_tokens = np.zeros(max_slots, np.int32)
+        self._first_positions = np.zeros(max_slots, np.int32)
+        self._admitted = np.zeros(max_slots, bool)  # since the last step was dispatched
+        self._settings: tuple[jax.Array, ...] | None = None  # on the device; None: stale
+        self._replicated: jax.sharding.Sharding | None = None
+        self._inputs: tuple[jax.Array, jax.Array] | None = None  # tokens, positions
+        self._in_flight: tuple[list[Request | None], tuple[jax.Array, ...]] | None = None
 
     def close(self) -> None:
         """Stop counting compilations (the listener is process-wide)."""
@@ -108,8 +120,7 @@ class Engine:
 
     def _count_compilation(self, event: str, duration: float, **kwargs: Any) -> None:
         del duration, kwargs
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.compilations += 1
+        self.compilations += event == COMPILE_EVENT
 
     # --- Compiling ---------------------------------------------------------------------------
 
@@ -117,35 +128,49 @@ class Engine:
         """Compile the cache, every prefill bucket, insert, prompt scoring (if enabled) and
         the generate step; returns the seconds it took."""
         start = time.perf_counter()
+        g, slots = self.graphdef, self.max_slots
         with self._placement():
-            cache_fn = self._jit(self._new_cache, out=self._cache_shardings())
-            self._cache = cache_fn()
+            self._cache = jax.jit(functools.partial(
+                steps.new_cache, g, slots=slots, length=self.max_seq_len),
+                out_shardings=self._cache_shardings()).lower(self.params).compile()(self.params)
+            zeros = self._put(np.zeros(slots, np.int32))
+            self._inputs = (zeros, zeros)
             self._compiled["generate"] = self._compile(
-                jax.jit(self._generate, donate_argnums=1), self.params, self._cache,
-                *self._slot_arrays())
+                functools.partial(steps.generate, g, self.max_seq_len), self.params,
+                self._cache, *self._inputs, *self._put(self._slot_settings()), donate=(1,))
+            self._compiled["set_rows"] = self._compile(
+                steps.set_rows, *self._inputs, *self._put(
+                    (self._first_tokens, self._first_positions, self._admitted)))
             for bucket in self.buckets:
                 args = (self.params, np.zeros((1, bucket), np.int32), np.int32(1),
-                        *self._request_arrays(SamplingParams()))
+                        *_request_arrays(SamplingParams()))
                 prefill = self._compiled["prefill", bucket] = self._compile(
-                    jax.jit(self._prefill), *args)
+                    functools.partial(steps.prefill, g), *args)
                 # The next steps take prefill's outputs as they are placed.
                 prefix, hidden, *_ = jax.tree.map(
                     lambda out: jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding),
                     prefill.out_info)
                 self._compiled["insert", bucket] = self._compile(
-                    jax.jit(_insert, donate_argnums=0), self._cache, prefix, np.int32(0))
+                    steps.insert, self._cache, prefix, np.int32(0), donate=(0,))
                 if self.score_prompts:
                     self._compiled["score", bucket] = self._compile(
-                        jax.jit(self._score), self.params, hidden,
+                        functools.partial(steps.score, g), self.params, hidden,
                         np.zeros((1, bucket), np.int32))
         self.warmup_seconds = time.perf_counter() - start
         return self.warmup_seconds
 
-    def _compile(self, jitted: Callable, *args: Any) -> Any:
-        return jitted.lower(*args).compile()
+    @staticmethod
+    def _compile(fn: Callable, *args: Any, donate: tuple[int, ...] = ()) -> Any:
+        return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
 
-    def _jit(self, fn: Callable, out: Any) -> Callable:
-        return jax.jit(fn, out_shardings=out).lower().compile()
+    def _put(self, arrays: Any) -> Any:
+        """Host arrays to the device(s) the model is on, replicated."""
+        if self._replicated is None:
+            placed = jax.tree.leaves(self.params)[0].sharding
+            mesh = self.mesh or getattr(placed, "mesh", None)
+            self._replicated = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                                if mesh is not None else placed)
+        return jax.device_put(arrays, self._replicated)
 
     def _placement(self):
         if self.mesh is None:
@@ -155,59 +180,11 @@ class Engine:
     def _cache_shardings(self) -> Any:
         if self.mesh is None:
             return None
-        model = nnx.merge(self.graphdef, self.params)
-        shapes = jax.eval_shape(lambda: model.init_cache(self.max_slots, self.max_seq_len))
+        shapes = jax.eval_shape(functools.partial(
+            steps.new_cache, self.graphdef, slots=self.max_slots, length=self.max_seq_len),
+            self.params)
         return jax.tree.map(lambda s: sharding.mesh_sharding(
             self.mesh, self.rules, CACHE_AXES[-len(s.shape):], s.shape), shapes)
-
-    # --- The compiled functions ---------------------------------------------------------------
-
-    def _new_cache(self):
-        model = nnx.merge(self.graphdef, self.params)
-        return model.init_cache(self.max_slots, self.max_seq_len)
-
-    def _prefill(self, params, tokens, length, temperature, top_k, top_p, seed):
-        """tokens [1, bucket] (a prompt of `length` tokens, padded) -> (its cache of
-        `bucket` positions, hidden states [1, bucket, embed], the first generated token
-        and its logprob and top alternatives)."""
-        model = nnx.merge(self.graphdef, params)
-        bucket = tokens.shape[1]
-        cache = model.init_cache(1, bucket)
-        hidden, cache = model.decode(tokens, jnp.arange(bucket)[None], cache)
-        last = jax.lax.dynamic_index_in_dim(hidden, length - 1, axis=1)  # [1, 1, embed]
-        logits = model.logits(last)[:, 0]
-        token = sampling.choose(logits, temperature, top_k, top_p,
-                                sampling.request_keys(seed, length[None]))
-        return (cache, hidden, token, *sampling.logprobs(logits, token, TOP_N))
-
-    def _score(self, params, hidden, tokens):
-        """Each prompt token's logprob given those before, [bucket] (position 0: none),
-        with its top alternatives; [chunk, vocab] logits at a time."""
-        model = nnx.merge(self.graphdef, params)
-        bucket = tokens.shape[1]
-        chunk = math.gcd(bucket, SCORE_CHUNK)
-        # Position t predicts token t + 1: the logprob of token t comes from position t - 1.
-        targets = jnp.roll(tokens[0], -1)
-
-        def one(args):
-            h, t = args
-            return sampling.logprobs(model.logits(h[None])[0], t, TOP_N)
-
-        out = jax.lax.map(one, (hidden[0].reshape(-1, chunk, hidden.shape[-1]),
-                                targets.reshape(-1, chunk)))
-        return jax.tree.map(lambda x: jnp.roll(x.reshape(bucket, *x.shape[2:]), 1, axis=0),
-                            out)
-
-    def _generate(self, params, cache, tokens, positions, temperature, top_k, top_p, seeds):
-        """One token for every slot: tokens [slots] at positions [slots] -> the cache with
-        their keys and values, and the next token of each slot with its logprobs."""
-        model = nnx.merge(self.graphdef, params)
-        hidden, cache = model.decode(tokens[:, None], positions[:, None], cache)
-        logits = model.logits(hidden)[:, 0]
-        # The token sampled now will sit at position + 1: its key is that position's.
-        token = sampling.choose(logits, temperature, top_k, top_p,
-                                sampling.request_keys(seeds, positions + 1))
-        return (cache, token, *sampling.logprobs(logits, token, TOP_N))
 
     # --- Requests ----------------------------------------------------------------------------
 
@@ -234,7 +211,7 @@ class Engine:
                              "without prompt_logprobs=True")
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or any(r is not None for r in self._slots)
+        return bool(self._waiting) or self.active > 0 or self._in_flight is not None
 
     @property
     def active(self) -> int:
@@ -249,27 +226,56 @@ class Engine:
         while self.has_work():
             self.step()
 
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[Request]:
+        """Submit every prompt, run until all are finished, return them in order."""
+        params = params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        submitted = [self.submit(p, q) for p, q in zip(prompts, params, strict=True)]
+        self.run()
+        return submitted
+
+    # --- Stepping ----------------------------------------------------------------------------
+
     def step(self) -> None:
-        """Admit waiting requests to free slots, then generate one token in every slot."""
+        """Admit waiting requests to free slots, dispatch one generate step over all slots,
+        and record the tokens of the step dispatched before it."""
         if self._cache is None:
             raise ValueError("call engine.warmup() before generating")
         self._retire_cancelled()
         for slot in range(self.max_slots):
             if self._slots[slot] is None and self._waiting:
                 self._admit(self._waiting.popleft(), slot)
-        if not any(r is not None for r in self._slots):
-            return
-        self._cache, tokens, logprobs, top_ids, top_lps = self._compiled["generate"](
-            self.params, self._cache, *self._slot_arrays())
+        dispatched = self._dispatch() if self.active else None
+        previous, self._in_flight = self._in_flight, dispatched
+        if previous is not None:
+            self._record(*previous)
+
+    def _dispatch(self) -> tuple[list[Request | None], tuple[jax.Array, ...]]:
+        if self._admitted.any():  # admitted slots start from their prompt's first token
+            self._inputs = self._compiled["set_rows"](*self._inputs, *self._put(
+                (self._first_tokens, self._first_positions, self._admitted)))
+            self._admitted[:] = False
+        if self._settings is None:
+            self._settings = self._put(self._slot_settings())
+        self._cache, tokens, positions, *outputs = self._compiled["generate"](
+            self.params, self._cache, *self._inputs, *self._settings)
+        self._inputs = (tokens, positions)
+        return list(self._slots), (tokens, *outputs)
+
+    def _record(self, occupants: list[Request | None], outputs: tuple[jax.Array, ...]) -> None:
+        """The tokens a dispatched step sampled, for the requests that were in its slots."""
+        tokens, logprobs, top_ids, top_lps = outputs
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-        for slot, request in enumerate(self._slots):
-            if request is None:
+        for slot, request in enumerate(occupants):
+            if request is None or request.finished:  # it finished at the step before
                 continue
-            position = int(self._positions[slot]) + 1
-            self._tokens[slot], self._positions[slot] = tokens[slot], position
+            room = self.max_seq_len - len(request.prompt) - request.num_generated - 1
             if requests.accept(request, int(tokens[slot]), float(logprobs[slot]),
                                _top(top_ids, top_lps, slot), self.eos_ids, self.detokenize,
-                               self.max_seq_len - 1 - position):
+                               room):
                 self._free(slot)
 
     def _admit(self, request: Request, slot: int) -> None:
@@ -277,9 +283,9 @@ class Engine:
         bucket = next(b for b in self.buckets if b >= length)
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, :length] = request.prompt
-        args = self._request_arrays(request.params)
+        settings = _request_arrays(request.params)
         prefix, hidden, token, logprob, top_ids, top_lps = self._compiled["prefill", bucket](
-            self.params, tokens, np.int32(length), *args)
+            self.params, tokens, np.int32(length), *settings)
         if request.params.prompt_logprobs:
             self._record_prompt_logprobs(request, self._compiled["score", bucket](
                 self.params, hidden, tokens))
@@ -293,9 +299,11 @@ class Engine:
                            self.max_seq_len - 1 - length):
             return
         self._slots[slot] = request
-        self._tokens[slot], self._positions[slot] = token, length
+        self._first_tokens[slot], self._first_positions[slot] = token, length
+        self._admitted[slot] = True
         self._temperature[slot], self._top_k[slot], self._top_p[slot], self._seeds[slot] = (
-            a[0] for a in args)
+            a[0] for a in settings)
+        self._settings = None
 
     def _record_prompt_logprobs(self, request: Request, scored: Any) -> None:
         length = len(request.prompt)
@@ -311,36 +319,24 @@ class Engine:
             if request is not None and request.cancelled:
                 requests.finish(request, requests.FINISH_STOP, self.detokenize)
                 self._free(slot)
-        kept = [r for r in self._waiting if not r.cancelled]
         for request in self._waiting:
             if request.cancelled:
                 requests.finish(request, requests.FINISH_STOP)
-        self._waiting = deque(kept)
+        self._waiting = deque(r for r in self._waiting if not r.cancelled)
 
     def _free(self, slot: int) -> None:
         self._slots[slot] = None
-        self._tokens[slot] = self._positions[slot] = self._top_k[slot] = self._seeds[slot] = 0
-        self._temperature[slot], self._top_p[slot] = 0.0, 1.0
+        self._temperature[slot], self._top_k[slot], self._top_p[slot] = 0.0, 0, 1.0
+        self._settings = None
 
-    def _slot_arrays(self) -> tuple[np.ndarray, ...]:
-        return (self._tokens, self._positions, self._temperature, self._top_k, self._top_p,
-                self._seeds)
+    def _slot_settings(self) -> tuple[np.ndarray, ...]:
+        want_top = any(r is not None and r.params.logprobs > 0 for r in self._slots)
+        return (self._temperature, self._top_k, self._top_p, self._seeds, np.bool_(want_top))
 
-    @staticmethod
-    def _request_arrays(params: SamplingParams) -> tuple[np.ndarray, ...]:
-        return (np.array([params.temperature], np.float32), np.array([params.top_k], np.int32),
-                np.array([params.top_p], np.float32), np.array([params.seed], np.int32))
 
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[Request]:
-        """Submit every prompt, run until all are finished, return them in order."""
-        params = params or SamplingParams()
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        submitted = [self.submit(p, q) for p, q in zip(prompts, params, strict=True)]
-        self.run()
-        return submitted
+def _request_arrays(params: SamplingParams) -> tuple[np.ndarray, ...]:
+    return (np.array([params.temperature], np.float32), np.array([params.top_k], np.int32),
+            np.array([params.top_p], np.float32), np.array([params.seed], np.int32))
 
 
 def _top(top_ids: jax.Array, top_lps: jax.Array, row: int
@@ -348,11 +344,3 @@ def _top(top_ids: jax.Array, top_lps: jax.Array, row: int
     """Row `row`'s (token, logprob) alternatives, copied to the host only when asked for."""
     return lambda: list(zip(np.asarray(top_ids)[row].tolist(),
                             np.asarray(top_lps)[row].tolist()))
-
-
-def _insert(cache: Any, prefix: Any, slot: jax.Array) -> Any:
-    """The prefilled cache of one request ([1, bucket, kv_heads, head_dim] per layer) into
-    `slot`'s row of the decode cache ([slots, max_seq_len, kv_heads, head_dim] per layer;
-    a stacked cache has a leading layers axis)."""
-    return jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice(
-        c, p.astype(c.dtype), (0,) * (c.ndim - 4) + (slot, 0, 0, 0)), cache, prefix)

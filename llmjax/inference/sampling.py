@@ -22,11 +22,17 @@ def choose(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
            keys: jax.Array) -> jax.Array:
     """logits [rows, vocab] float32 -> token ids [rows] int32."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    filtering = jnp.any((top_k > 0) | (top_p < 1.0))
-    # Sorting the vocabulary is the costly part: skipped when no row filters.
-    sampled = jax.lax.cond(filtering, _sample_filtered, _sample_all, scaled, top_k, top_p, keys)
-    return jnp.where(temperature > 0, sampled, greedy)
+
+    def sample(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        filtering = jnp.any((top_k > 0) | (top_p < 1.0))
+        # Sorting the vocabulary is the costly part: skipped when no row filters.
+        sampled = jax.lax.cond(filtering, _sample_filtered, _sample_all, scaled, top_k, top_p,
+                               keys)
+        return jnp.where(temperature > 0, sampled, greedy)
+
+    # A batch of greedy rows draws no random numbers at all.
+    return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, logits)
 
 
 def _sample_all(scaled, top_k, top_p, keys):
@@ -46,11 +52,19 @@ def _sample_filtered(scaled, top_k, top_p, keys):
     return jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def logprobs(logits: jax.Array, tokens: jax.Array, top_n: int
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def logprobs(logits: jax.Array, tokens: jax.Array, top_n: int,
+             want_top: jax.Array | bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(logprob of `tokens` [rows], the top_n token ids [rows, top_n] and their logprobs)
-    under log_softmax(logits [rows, vocab])."""
+    under log_softmax(logits [rows, vocab]). With `want_top` false (a traced flag) the
+    top_n are skipped and come back as zeros."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
-    top_lps, top_ids = jax.lax.top_k(log_probs, top_n)
-    return chosen, top_ids.astype(jnp.int32), top_lps
+
+    def top(log_probs):
+        top_lps, top_ids = jax.lax.top_k(log_probs, top_n)
+        return top_ids.astype(jnp.int32), top_lps
+
+    rows = logits.shape[0]
+    none = lambda _: (jnp.zeros((rows, top_n), jnp.int32),  # noqa: E731
+                      jnp.zeros((rows, top_n), jnp.float32))
+    return chosen, *jax.lax.cond(want_top, top, none, log_probs)

@@ -68,24 +68,25 @@ def w_train_llmjax(install: str, config: ml_collections.ConfigDict, packed: bool
     return info
 
 
-def _install_in_worker(module_name: str) -> str:
+def _install_in_worker(module_name: str, functions: dict[str, Any]) -> str:
     # A worker looks setup functions up by name in its baselines module; put ours there.
-    sys.modules[module_name].w_train_llmjax = w_train_llmjax
+    for name, function in functions.items():
+        setattr(sys.modules[module_name], name, function)
     return module_name
 
 
-class _InstallInWorker:
+class InstallInWorker:
     """Unpickles (in the worker, before the setup call is looked up) to the baselines
-    module's name, after adding `w_train_llmjax` to that module."""
+    module's name, after adding `functions` ({name: module-level function}) to it."""
 
-    def __init__(self, module_name: str):
-        self.module_name = module_name
+    def __init__(self, module_name: str, functions: dict[str, Any]):
+        self.module_name, self.functions = module_name, functions
 
     def __reduce__(self):
-        return _install_in_worker, (self.module_name,)
+        return _install_in_worker, (self.module_name, self.functions)
 
 
-def _peak_rss_bytes(pid: int) -> float | None:
+def peak_rss_bytes(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -128,7 +129,8 @@ def compare_with_reference(config: ml_collections.ConfigDict, steps: int, warmup
             start = time.perf_counter()
             if key.startswith("llmjax"):
                 info[key] = workers[key].setup(
-                    "w_train_llmjax", install=_InstallInWorker(baselines.__name__),
+                    "w_train_llmjax", install=InstallInWorker(
+                        baselines.__name__, {"w_train_llmjax": w_train_llmjax}),
                     config=config, packed=packed, warmup=warmup)
             elif key == "jax":
                 info[key] = workers[key].setup("w_train_jax", tokens=tokens,
@@ -146,7 +148,7 @@ def compare_with_reference(config: ml_collections.ConfigDict, steps: int, warmup
                 if not key.startswith("llmjax"):
                     timer()
         results = baselines.interleave(timers, steps)
-        rss = {key: _peak_rss_bytes(w.proc.pid) for key, w in workers.items()}
+        rss = {key: peak_rss_bytes(w.proc.pid) for key, w in workers.items()}
     finally:
         for worker in workers.values():
             worker.close()
