@@ -87,7 +87,7 @@ class Engine:
         self.eos_ids, self.detokenize = tuple(eos_ids), detokenize
         self.score_prompts = prompt_logprobs
         self.mesh, self.rules = mesh, tuple(rules or ())
-        self.compilations = 0
+        self.compilations = self.warmup_compilations = 0
         self.warmup_seconds = math.nan
         jax.monitoring.register_event_duration_secs_listener(self._count_compilation)
         self._compiled: dict[Any, Any] = {}
@@ -157,6 +157,7 @@ class Engine:
                         functools.partial(steps.score, g), self.params, hidden,
                         np.zeros((1, bucket), np.int32))
         self.warmup_seconds = time.perf_counter() - start
+        self.warmup_compilations = self.compilations
         return self.warmup_seconds
 
     @staticmethod
@@ -193,7 +194,10 @@ class Engine:
         """Queue a request; it takes a slot at the next step with a free one."""
         params = params or SamplingParams()
         self.check(prompt, params)
-        request = Request([int(t) for t in prompt], params, on_update=on_update)
+        return self.add(Request([int(t) for t in prompt], params, on_update=on_update))
+
+    def add(self, request: Request) -> Request:
+        """Queue a request already checked (`check`)."""
         self._waiting.append(request)
         return request
 
