@@ -41,15 +41,20 @@ def _sample_all(scaled, top_k, top_p, keys):
 
 
 def _sample_filtered(scaled, top_k, top_p, keys):
+    # Which tokens each row keeps is decided in rank order; the draw itself is over the
+    # vocabulary in its own order, as in _sample_all, so a row that filters nothing draws
+    # the same token whichever branch its batch takes.
     order = jnp.argsort(-scaled, axis=-1)
     ranked = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(scaled.shape[-1])[None, :]
     keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
     probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # probability of the better-ranked tokens
-    keep &= before < top_p[:, None]  # the most likely token always stays
-    index = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))
-    return jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    # The most likely token always stays; rows without a nucleus keep every token (their
+    # cumulative sum may pass 1 by rounding before the last one).
+    keep &= (top_p[:, None] >= 1.0) | (before < top_p[:, None])
+    keep = jnp.take_along_axis(keep, jnp.argsort(order, axis=-1), axis=-1)  # vocabulary order
+    return _sample_all(jnp.where(keep, scaled, -jnp.inf), top_k, top_p, keys)
 
 
 def logprobs(logits: jax.Array, tokens: jax.Array, top_n: int,

@@ -32,6 +32,38 @@ from llmjax.inference.texts import Texts
 OPEN_PATHS = ("/health",)
 
 
+class Guard:
+    """ASGI middleware: the API key check (constant time) and the response counter. (A
+    plain ASGI one: Starlette's BaseHTTPMiddleware hides client disconnects from the app.)"""
+
+    def __init__(self, app: Any, api_key: str | None, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.expected is not None and path not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.metrics.requests.labels(path, "401").inc()
+                response = error(401, "missing or wrong API key: send Authorization: "
+                                      "Bearer KEY")
+                return await response(scope, receive, send)
+        status = {"code": 499}  # no response started: the client went away first
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(path, str(status["code"])).inc()
+
+
 def create_app(runner: EngineRunner, texts: Texts, *, model_name: str,
                api_key: str | None = None, request_timeout: float = 600.0) -> FastAPI:
     app = FastAPI(title="llmjax", docs_url=None, redoc_url=None, openapi_url=None)
@@ -39,19 +71,7 @@ def create_app(runner: EngineRunner, texts: Texts, *, model_name: str,
     service = serving.Service(runner, texts, metrics, model_name, request_timeout)
     app.state.service = service
 
-    @app.middleware("http")
-    async def authorize_and_count(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        if api_key and path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response: Response = error(401, "missing or wrong API key: send "
-                                                "Authorization: Bearer KEY")
-                metrics.requests.labels(path, "401").inc()
-                return response
-        response = await call_next(request)
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:

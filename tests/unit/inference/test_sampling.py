@@ -45,6 +45,24 @@ def test_a_seed_and_position_decide_the_draw_whatever_the_row(logits):
     assert len(set(many.tolist())) > 3  # different seeds: different draws
 
 
+def test_a_row_draws_the_same_whatever_the_other_rows_filter(logits):
+    seeds, positions = np.arange(ROWS), np.full(ROWS, 4)
+    rows = jnp.asarray(logits) / 30  # nearly flat: every token may be drawn
+
+    def draw(top_k, top_p):
+        return np.asarray(jax.jit(sampling.choose)(
+            rows, jnp.full(ROWS, 1.0), jnp.asarray(top_k, jnp.int32),
+            jnp.asarray(top_p, jnp.float32),
+            sampling.request_keys(jnp.asarray(seeds), jnp.asarray(positions))))
+
+    for position in range(40):
+        positions = np.full(ROWS, position)
+        plain = draw([0] * ROWS, [1.0] * ROWS)  # nobody filters
+        mixed = draw([3] + [0] * (ROWS - 1), [1.0] * (ROWS - 2) + [0.5, 1.0])
+        np.testing.assert_array_equal(plain[1:4], mixed[1:4])  # rows that filter nothing
+        np.testing.assert_array_equal(plain[5:], mixed[5:])
+
+
 def test_top_k_and_top_p_only_ever_pick_allowed_tokens(logits):
     seeds = np.arange(ROWS)
     top3 = np.argsort(-logits, -1)[:, :3]
