@@ -4,12 +4,15 @@ Run:  python -m llmjax.bench --config=configs/NAME.py [--config.KEY=VALUE ...] [
       python -m llmjax.bench --config=configs/bench_reference.py \\
           --reference=../shared/bench/baselines.py
       python -m llmjax.bench --generate --reference=../shared/bench/baselines.py
+      python -m llmjax.bench --serve --model=runs/shakespeare
 
 Times exactly what llmjax.train runs, on random tokens (llmjax.training.benchmark).
 `--reference=PATH` also times the same model in the reference implementations of that
 baselines file (plain JAX, Hugging Face transformers on eager torch), each in its own
 process and round-robin with ours (llmjax.training.benchmark_reference). `--generate`
-times generation instead (llmjax.training.benchmark_generation). Prints one table.
+times generation instead (llmjax.training.benchmark_generation); `--serve` times
+python -m llmjax.serve over HTTP beside the engine alone on the model at --model
+(llmjax.inference.benchmark_serving). Prints one table.
 """
 
 import math
@@ -18,6 +21,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from llmjax import cli
+from llmjax.inference.benchmark_serving import compare_serving, format_levels
+from llmjax.parallel import sharding
+from llmjax.training import restore
 from llmjax.training.benchmark import format_table, measure, table_header
 from llmjax.training.benchmark_generation import compare_generation
 from llmjax.training.benchmark_reference import compare_with_reference
@@ -36,10 +42,37 @@ flags.DEFINE_bool("generate", False, "Time generation instead of training (needs
                   "whose model it runs): decode tok/s at 1, 8 and 32 sequences, time to first "
                   "token, warm-up, beside HF generate and the plain-JAX KV-cache loop.")
 flags.DEFINE_integer("reps", 3, "With --generate: interleaved timings of each row.")
+flags.DEFINE_bool("serve", False, "Time llmjax.serve over HTTP (streaming clients) beside the "
+                  "engine alone at 1, 8 and 32 concurrent clients, on --model.")
+flags.DEFINE_string("model", None, "With --serve: a workdir, checkpoint, imported or HF "
+                    "directory (as llmjax.serve takes).")
+flags.DEFINE_integer("max_slots", 8, "With --serve: sequences decoded at once (both engines).")
+flags.DEFINE_integer("prompt_tokens", 64, "With --serve: tokens per (random) prompt.")
+flags.DEFINE_integer("new_tokens", 64, "With --serve: tokens generated per request.")
+flags.DEFINE_integer("requests", 4, "With --serve: requests per client, one after another.")
+
+
+def serve_table() -> str:
+    if not FLAGS.model:
+        raise ValueError("--serve times a model: give --model=PATH (e.g. runs/shakespeare)")
+    tokenizer = restore.load_tokenizer_of(FLAGS.model)
+    mesh, rules = sharding.placement()
+    model = restore.load_model(FLAGS.model, mesh=mesh, rules=rules)
+    levels, info = compare_serving(
+        model, FLAGS.model, restore.eos_ids_of(FLAGS.model, tokenizer), tokenizer.decode,
+        tokenizer.vocab_size, max_slots=FLAGS.max_slots, prompt_tokens=FLAGS.prompt_tokens,
+        new_tokens=FLAGS.new_tokens, requests=FLAGS.requests)
+    return (f"{FLAGS.model}: {FLAGS.prompt_tokens}-token prompts, {FLAGS.new_tokens} tokens "
+            f"each, {FLAGS.requests} requests per client; {info['max_slots']} slots; engine "
+            f"warm-up {info['warmup_seconds']:.1f}s, compilations after it "
+            f"{info['compilations_after_warmup']}\n{format_levels(levels)}")
 
 
 def main(argv: list[str]) -> None:
     del argv
+    if FLAGS.serve:
+        print(serve_table(), flush=True)
+        return
     if FLAGS.generate:
         if not FLAGS.reference:
             raise ValueError("--generate times the reference model: give --reference="

@@ -78,8 +78,8 @@ def main(argv: list[str]) -> None:
     model = quantize.quantize_model(model, FLAGS.quantize)
     longest = max(len(p) for p in prompts) + FLAGS.max_new_tokens
     engine = Engine(model, max_slots=FLAGS.max_slots, max_seq_len=FLAGS.max_seq_len or longest,
-                    eos_ids=(tokenizer.eos_id,), detokenize=tokenizer.decode, mesh=mesh,
-                    rules=rules)
+                    eos_ids=restore.eos_ids_of(FLAGS.model, tokenizer),
+                    detokenize=tokenizer.decode, mesh=mesh, rules=rules)
     params = [SamplingParams(max_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                              top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed + i,
                              stop=tuple(FLAGS.stop), logprobs=FLAGS.logprobs)

@@ -9,7 +9,6 @@ answers 200. SIGTERM (or Ctrl-C) stops admitting (503), finishes what is in flig
 exits 0; a second one exits at once.
 """
 
-import json
 import os
 import sys
 import threading
@@ -69,19 +68,6 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def eos_ids(path: str, tokenizer: Any) -> tuple[int, ...]:
-    """The tokenizer's EOS and those of a generation_config.json beside the model."""
-    ids = {tokenizer.eos_id}
-    spec = restore.tokenizer_spec(path)
-    for folder in {path, spec} - {None, "byte"}:
-        config = os.path.join(folder, "generation_config.json")
-        if os.path.isfile(config):
-            with open(config) as f:
-                eos = json.load(f).get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    return tuple(sorted(ids))
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}; flags only (see --help)")
@@ -98,7 +84,8 @@ def main(argv: list[str]) -> None:
     mesh, rules = sharding.placement()
     model = restore.load_model(FLAGS.model, mesh=mesh, rules=rules, best=FLAGS.best)
     engine = Engine(quantize.quantize_model(model, FLAGS.quantize), max_slots=FLAGS.max_slots,
-                    max_seq_len=FLAGS.max_seq_len, eos_ids=eos_ids(FLAGS.model, tokenizer),
+                    max_seq_len=FLAGS.max_seq_len,
+                    eos_ids=restore.eos_ids_of(FLAGS.model, tokenizer),
                     detokenize=tokenizer.decode, prompt_logprobs=True, mesh=mesh, rules=rules)
     runner = EngineRunner(engine, max_queue=FLAGS.max_queue)
     name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model))

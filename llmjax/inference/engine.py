@@ -135,12 +135,18 @@ class Engine:
                 out_shardings=self._cache_shardings()).lower(self.params).compile()(self.params)
             zeros = self._put(np.zeros(slots, np.int32))
             self._inputs = (zeros, zeros)
+            # Outputs that come back as inputs are pinned to the inputs' placement: left to
+            # itself XLA may shard the [slots] tokens, and a compiled step takes only the
+            # placement it was compiled for.
+            cache, replicated = jax.tree.map(lambda a: a.sharding, self._cache), zeros.sharding
             self._compiled["generate"] = self._compile(
                 functools.partial(steps.generate, g, self.max_seq_len), self.params,
-                self._cache, *self._inputs, *self._put(self._slot_settings()), donate=(1,))
+                self._cache, *self._inputs, *self._put(self._slot_settings()), donate=(1,),
+                out_shardings=(cache, *[replicated] * 5))
             self._compiled["set_rows"] = self._compile(
                 steps.set_rows, *self._inputs, *self._put(
-                    (self._first_tokens, self._first_positions, self._admitted)))
+                    (self._first_tokens, self._first_positions, self._admitted)),
+                out_shardings=(replicated, replicated))
             for bucket in self.buckets:
                 args = (self.params, np.zeros((1, bucket), np.int32), np.int32(1),
                         *_request_arrays(SamplingParams()))
@@ -151,7 +157,8 @@ class Engine:
                     lambda out: jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding),
                     prefill.out_info)
                 self._compiled["insert", bucket] = self._compile(
-                    steps.insert, self._cache, prefix, np.int32(0), donate=(0,))
+                    steps.insert, self._cache, prefix, np.int32(0), donate=(0,),
+                    out_shardings=cache)
                 if self.score_prompts:
                     self._compiled["score", bucket] = self._compile(
                         functools.partial(steps.score, g), self.params, hidden,
@@ -161,8 +168,11 @@ class Engine:
         return self.warmup_seconds
 
     @staticmethod
-    def _compile(fn: Callable, *args: Any, donate: tuple[int, ...] = ()) -> Any:
-        return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    def _compile(fn: Callable, *args: Any, donate: tuple[int, ...] = (),
+                 out_shardings: Any = None) -> Any:
+        jitted = (jax.jit(fn, donate_argnums=donate) if out_shardings is None else
+                  jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings))
+        return jitted.lower(*args).compile()
 
     def _put(self, arrays: Any) -> Any:
         """Host arrays to the device(s) the model is on, replicated."""
@@ -171,7 +181,9 @@ class Engine:
             mesh = self.mesh or getattr(placed, "mesh", None)
             self._replicated = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
                                 if mesh is not None else placed)
-        return jax.device_put(arrays, self._replicated)
+        # Copies: the transfer may still be reading a host array when device_put returns,
+        # and the engine rewrites its per-slot arrays in place at the next admission.
+        return jax.device_put(jax.tree.map(np.array, arrays), self._replicated)
 
     def _placement(self):
         if self.mesh is None:
@@ -179,11 +191,14 @@ class Engine:
         return sharding.activate(self.mesh, self.rules)
 
     def _cache_shardings(self) -> Any:
-        if self.mesh is None:
-            return None
+        """The decode cache's placement: by the rules on a mesh, else where the weights are
+        (replicated over their devices)."""
         shapes = jax.eval_shape(functools.partial(
             steps.new_cache, self.graphdef, slots=self.max_slots, length=self.max_seq_len),
             self.params)
+        if self.mesh is None:
+            self._put(())  # sets self._replicated
+            return jax.tree.map(lambda _: self._replicated, shapes)
         return jax.tree.map(lambda s: sharding.mesh_sharding(
             self.mesh, self.rules, CACHE_AXES[-len(s.shape):], s.shape), shapes)
 

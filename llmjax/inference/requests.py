@@ -48,7 +48,7 @@ class SamplingParams:
 class Request:
     prompt: list[int]
     params: SamplingParams
-    tokens: list[int] = dataclasses.field(default_factory=list)
+    tokens: list[int] = dataclasses.field(default_factory=list)  # an ending EOS included
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     # Prompt token i given tokens < i (None for the first); filled if params.prompt_logprobs.
@@ -56,7 +56,7 @@ class Request:
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     text: str | None = None  # the completion, when the engine has a detokenizer
     finish_reason: str | None = None
-    num_generated: int = 0  # sampled tokens, including a final EOS or stop token
+    num_generated: int = 0  # sampled tokens
     cancelled: bool = False
     # Called from the engine's thread after every new token and once when finished.
     on_update: Callable[["Request"], None] | None = None
@@ -81,11 +81,15 @@ def accept(request: Request, token: int, logprob: float,
     likely alternatives (read only if asked for); `room`: tokens the cache still holds."""
     params = request.params
     request.num_generated += 1
-    if (token in params.stop_token_ids) or (token in eos_ids and not params.ignore_eos):
-        return finish(request, FINISH_STOP, detokenize)
     request.tokens.append(token)
     request.logprobs.append(logprob)
     request.top_logprobs.append(list(top()[:params.logprobs]) if params.logprobs else [])
+    if (token in params.stop_token_ids) or (token in eos_ids and not params.ignore_eos):
+        # The ending token stays in the ids and logprobs (lm-evaluation-harness counts one
+        # generated token after an echoed prompt), not in the text.
+        if detokenize is not None:
+            request.text = detokenize(request.tokens[:-1])
+        return finish(request, FINISH_STOP, None)
     if params.stop and detokenize is not None and _stop_in_tail(request, detokenize):
         text = detokenize(request.tokens)
         request.text = text[:min(i for s in params.stop if (i := text.find(s)) >= 0)]

@@ -129,7 +129,7 @@ class Service:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                               top_k=max(body.top_k, 0), top_p=body.top_p, seed=seed,
                               stop=tuple(body.stop), logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs)
+                              prompt_logprobs=prompt_logprobs, ignore_eos=body.ignore_eos)
 
     def _submit(self, prompts: list[list[int]], params: SamplingParams, n: int
                 ) -> "_Job | Response":

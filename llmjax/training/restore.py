@@ -10,6 +10,7 @@ its init_from (or its seed), its adapters from the checkpoint.
 """
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -119,3 +120,15 @@ def load_tokenizer_of(path: str) -> Tokenizer:
         raise FileNotFoundError(f"{path} has no tokenizer (no tokenizer files, no "
                                 "tokenizer/ directory, and its data.tokenizer is not one)")
     return load_tokenizer(spec)
+
+
+def eos_ids_of(path: str, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The tokenizer's EOS and those of a generation_config.json beside the model."""
+    ids = {tokenizer.eos_id}
+    for folder in {path, tokenizer_spec(path)} - {None, "byte"}:
+        config = os.path.join(folder, "generation_config.json")
+        if os.path.isfile(config):
+            with open(config) as f:
+                eos = json.load(f).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return tuple(sorted(ids))

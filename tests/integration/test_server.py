@@ -76,8 +76,8 @@ def test_models_and_greedy_completions_equal_the_engine_and_transformers(
         theirs = reference.generate(ids, do_sample=False, max_new_tokens=12,
                                     pad_token_id=texts.tokenizer.eos_id)
     generated = theirs[0, ids.shape[1]:].tolist()
-    if texts.tokenizer.eos_id in generated:
-        generated = generated[:generated.index(texts.tokenizer.eos_id)]
+    if texts.tokenizer.eos_id in generated:  # (an ending EOS is among the engine's tokens)
+        generated = generated[:generated.index(texts.tokenizer.eos_id) + 1]
     assert request.tokens == generated
     # token-id prompts, several at once: each is its own choice, in order
     batch = client.completions.create(model="tiny", prompt=[texts.encode(prompt), [5, 6, 7]],

@@ -98,10 +98,10 @@ def test_eos_stop_tokens_stop_strings_and_max_tokens_end_a_request():
                 break
         return request
 
-    eos = run([5, 6, 2, 7])
-    assert eos.tokens == [5, 6] and eos.finish_reason == "stop" and eos.num_generated == 3
+    eos = run([5, 6, 2, 7])  # the ending token is in the ids, not in the text
+    assert eos.tokens == [5, 6, 2] and eos.finish_reason == "stop" and eos.text == "ef"
     assert run([5, 2, 7], ignore_eos=True, max_tokens=3).tokens == [5, 2, 7]
-    assert run([5, 9, 7], stop_token_ids=(9,)).tokens == [5]
+    assert run([5, 9, 7], stop_token_ids=(9,)).text == "e"
     stopped = run([1, 2, 3, 4, 5], stop=("cd",), ignore_eos=True)  # text "abcde"
     assert stopped.text == "ab" and stopped.finish_reason == "stop"
     assert run([3, 3, 3, 3], max_tokens=2).finish_reason == "length"
