@@ -16,6 +16,8 @@ python -m llmjax.serve over HTTP beside the engine alone on the model at --model
 """
 
 import math
+import os
+import tempfile
 
 from absl import flags
 from ml_collections import config_flags
@@ -25,7 +27,7 @@ from llmjax.inference.benchmark_serving import compare_serving, format_levels
 from llmjax.parallel import sharding
 from llmjax.training import restore
 from llmjax.training.benchmark import format_table, measure, table_header
-from llmjax.training.benchmark_generation import compare_generation
+from llmjax.training.benchmark_generation import compare_generation, save_reference_model
 from llmjax.training.benchmark_reference import compare_with_reference
 
 FLAGS = flags.FLAGS
@@ -43,28 +45,36 @@ flags.DEFINE_bool("generate", False, "Time generation instead of training (needs
                   "token, warm-up, beside HF generate and the plain-JAX KV-cache loop.")
 flags.DEFINE_integer("reps", 3, "With --generate: interleaved timings of each row.")
 flags.DEFINE_bool("serve", False, "Time llmjax.serve over HTTP (streaming clients) beside the "
-                  "engine alone at 1, 8 and 32 concurrent clients, on --model.")
+                  "engine alone at 1, 8 and 32 concurrent clients, on --model or on the "
+                  "--reference model.")
 flags.DEFINE_string("model", None, "With --serve: a workdir, checkpoint, imported or HF "
                     "directory (as llmjax.serve takes).")
 flags.DEFINE_integer("max_slots", 8, "With --serve: sequences decoded at once (both engines).")
 flags.DEFINE_integer("prompt_tokens", 64, "With --serve: tokens per (random) prompt.")
 flags.DEFINE_integer("new_tokens", 64, "With --serve: tokens generated per request.")
-flags.DEFINE_integer("requests", 4, "With --serve: requests per client, one after another.")
+flags.DEFINE_integer("requests", 4, "With --serve: requests per client per round, one after "
+                     "another.")
+flags.DEFINE_integer("rounds", 3, "With --serve: rounds per level, engine and server alternating.")
 
 
 def serve_table() -> str:
+    if not FLAGS.model and not FLAGS.reference:
+        raise ValueError("--serve times a model: give --model=PATH (e.g. runs/shakespeare) "
+                         "or --reference=PATH/baselines.py")
     if not FLAGS.model:
-        raise ValueError("--serve times a model: give --model=PATH (e.g. runs/shakespeare)")
+        FLAGS.model = save_reference_model(
+            FLAGS.reference, os.path.join(tempfile.mkdtemp("-llmjax-bench"), "reference"))
     tokenizer = restore.load_tokenizer_of(FLAGS.model)
     mesh, rules = sharding.placement()
     model = restore.load_model(FLAGS.model, mesh=mesh, rules=rules)
     levels, info = compare_serving(
         model, FLAGS.model, restore.eos_ids_of(FLAGS.model, tokenizer), tokenizer.decode,
         tokenizer.vocab_size, max_slots=FLAGS.max_slots, prompt_tokens=FLAGS.prompt_tokens,
-        new_tokens=FLAGS.new_tokens, requests=FLAGS.requests)
-    return (f"{FLAGS.model}: {FLAGS.prompt_tokens}-token prompts, {FLAGS.new_tokens} tokens "
-            f"each, {FLAGS.requests} requests per client; {info['max_slots']} slots; engine "
-            f"warm-up {info['warmup_seconds']:.1f}s, compilations after it "
+        new_tokens=FLAGS.new_tokens, requests=FLAGS.requests, rounds=FLAGS.rounds)
+    return (f"{FLAGS.model} ({info['parameters']:,} parameters): {FLAGS.prompt_tokens}-token "
+            f"prompts, {FLAGS.new_tokens} tokens each, {FLAGS.requests} requests per client, "
+            f"{FLAGS.rounds} rounds; {info['max_slots']} slots; engine warm-up "
+            f"{info['warmup_seconds']:.1f}s, compilations after it "
             f"{info['compilations_after_warmup']}\n{format_levels(levels)}")
 
 

@@ -6,11 +6,13 @@
 At each concurrency C (1, 8, 32), C clients each send `requests` greedy completions one
 after another (a random token-id prompt of `prompt_tokens`, exactly `new_tokens`
 generated: ignore_eos). Over HTTP a client is an asyncio task streaming Server-Sent
-Events (httpx, in this process, so it shares the CPU with the server as a local client
-does); alone, a client is a chain of engine.submit calls made as the previous request
-finishes. Both engines have the same slots, sequence length, EOS ids and detokenizer.
-Per mode and C: generated tokens/s over the level's wall time, time to first token (from
-sending, queueing included) and time per output token after it (p50/p99).
+Events over its own connection (a bare HTTP/1.1 client in this process: it shares the
+CPU with the server, as a client on the same machine does); alone, a client is a chain
+of engine.submit calls made as the previous request finishes. Both engines have the
+same slots, sequence length, EOS ids and detokenizer. Each level runs `rounds` times,
+engine and server alternating. Per mode and C: generated tokens/s over a round's wall
+time (the median round), time to first token (from sending, queueing included) and time
+per output token after it (p50/p99 over every request of every round).
 """
 
 import asyncio
@@ -23,10 +25,12 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import httpx
+import jax
 import numpy as np
 from flax import nnx
 
@@ -44,10 +48,18 @@ class Level:
     seconds: float
     ttft: list[float]  # seconds, per request
     tpot: list[float]
+    rates: list[float] = dataclasses.field(default_factory=list)  # tokens/s per round
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds
+        return statistics.median(self.rates) if self.rates else self.tokens / self.seconds
+
+    def merged(self, other: "Level") -> "Level":
+        """This round and another of the same mode and concurrency, pooled."""
+        return Level(self.mode, self.clients, self.tokens + other.tokens,
+                     self.seconds + other.seconds, self.ttft + other.ttft,
+                     self.tpot + other.tpot, (self.rates or [self.tokens / self.seconds])
+                     + [other.tokens / other.seconds])
 
 
 @dataclasses.dataclass
@@ -102,48 +114,57 @@ def engine_level(engine: Engine, work: Workload, clients: int) -> Level:
 
 # --- over HTTP -----------------------------------------------------------------------------
 
-async def _stream_one(http: httpx.AsyncClient, prompt: list[int], new_tokens: int
+async def _stream_one(host: str, port: int, prompt: list[int], new_tokens: int
                       ) -> tuple[float, float | None, int]:
-    """(time to first token, time per output token after it, tokens) of one request."""
-    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    """(time to first token, time per output token after it, tokens) of one request.
+
+    A bare asyncio HTTP/1.1 client: the load generator shares the 2 cores with the
+    server, so it reads the event lines and parses only the usage event (a Python HTTP
+    library parsing every event cost more CPU than the server spent on it)."""
+    body = json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0,
+                       "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     sent, first, last, count = time.perf_counter(), None, None, 0
-    async with http.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"the server answered {response.status_code}: "
-                               f"{(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                     f"application/json\r\nContent-Length: {len(body)}\r\nConnection: "
+                     "close\r\n\r\n".encode() + body)
+        status = await reader.readline()
+        if b" 200 " not in status:
+            raise RuntimeError(f"the server answered {status.decode().strip()}: "
+                               f"{(await reader.read(300))!r}")
+        async for line in reader:  # each event is one chunk of the chunked body
+            if not line.startswith(b"data: {"):
                 continue
-            event = json.loads(line[6:])
-            if event.get("choices"):
+            if b'"usage"' in line:
+                count = json.loads(line[6:])["usage"]["completion_tokens"]
+            else:
                 last = time.perf_counter()
                 first = first or last
-            if event.get("usage"):
-                count = event["usage"]["completion_tokens"]
+    finally:
+        writer.close()
     if first is None or count != new_tokens:
         raise RuntimeError(f"a streamed request ended with {count} of {new_tokens} tokens")
     return first - sent, (last - first) / (count - 1) if count > 1 else None, count
 
 
-async def _http_level(url: str, work: Workload, clients: int) -> Level:
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        results: list[tuple[float, float | None, int]] = []
+async def _http_level(host: str, port: int, work: Workload, clients: int) -> Level:
+    results: list[tuple[float, float | None, int]] = []
 
-        async def client(c: int) -> None:
-            for i in range(work.requests):
-                results.append(await _stream_one(http, work.prompt(c, i), work.new_tokens))
+    async def client(c: int) -> None:
+        for i in range(work.requests):
+            results.append(await _stream_one(host, port, work.prompt(c, i), work.new_tokens))
 
-        start = time.perf_counter()
-        await asyncio.gather(*(client(c) for c in range(clients)))
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    seconds = time.perf_counter() - start
     return Level("server (HTTP, streaming)", clients, sum(n for *_, n in results), seconds,
                  [t for t, _, _ in results], [t for _, t, _ in results if t is not None])
 
 
-def http_level(url: str, work: Workload, clients: int) -> Level:
-    return asyncio.run(_http_level(url, work, clients))
+def http_level(server: "ServerProcess", work: Workload, clients: int) -> Level:
+    return asyncio.run(_http_level("127.0.0.1", server.port, work, clients))
 
 
 class ServerProcess:
@@ -152,7 +173,7 @@ class ServerProcess:
     def __init__(self, model_path: str, flags: Sequence[str], ready_timeout: float = 900):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+            self.port = port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llmjax.serve", f"--model={model_path}", f"--port={port}",
@@ -166,9 +187,9 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"llmjax.serve exited: {self.process.stdout.read()[-2000:]}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
+                with urllib.request.urlopen(self.url + "/ready", timeout=2):
+                    return self  # 200 (a 503 raises)
+            except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.5)
         self.__exit__()
@@ -187,9 +208,10 @@ class ServerProcess:
 
 def compare_serving(model: nnx.Module, model_path: str, eos_ids: Sequence[int],
                     detokenize: Callable[[list[int]], str], vocab_size: int, *,
-                    max_slots: int, prompt_tokens: int, new_tokens: int, requests: int
-                    ) -> tuple[list[Level], dict[str, Any]]:
-    """Each concurrency level on the engine alone, then over HTTP; (levels, facts)."""
+                    max_slots: int, prompt_tokens: int, new_tokens: int, requests: int,
+                    rounds: int) -> tuple[list[Level], dict[str, Any]]:
+    """Each concurrency level `rounds` times on the engine alone and over HTTP, the two
+    alternating (this machine's speed drifts over minutes); (levels, facts)."""
     work = make_workload(vocab_size, prompt_tokens, new_tokens, requests)
     max_seq_len = prompt_tokens + new_tokens
     flags = [f"--max_slots={max_slots}", f"--max_seq_len={max_seq_len}",
@@ -197,13 +219,19 @@ def compare_serving(model: nnx.Module, model_path: str, eos_ids: Sequence[int],
     with Engine(model, max_slots=max_slots, max_seq_len=max_seq_len, eos_ids=eos_ids,
                 detokenize=detokenize) as engine, ServerProcess(model_path, flags) as server:
         warmup = engine.warmup()
-        engine_level(engine, work, 1), http_level(server.url, work, 1)  # untimed first pass
+        engine_level(engine, work, 1), http_level(server, work, 1)  # untimed first pass
         levels = []
         for clients in CONCURRENCY:
-            levels += [engine_level(engine, work, clients), http_level(server.url, work, clients)]
+            alone, served = engine_level(engine, work, clients), http_level(server, work, clients)
+            for _ in range(rounds - 1):
+                alone = alone.merged(engine_level(engine, work, clients))
+                served = served.merged(http_level(server, work, clients))
+            levels += [alone, served]
         compilations = engine.compilations - engine.warmup_compilations
-    return levels, {"warmup_seconds": warmup, "compilations_after_warmup": compilations,
-                    "max_slots": max_slots, "max_seq_len": max_seq_len}
+    parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return levels, {"parameters": parameters, "warmup_seconds": warmup,
+                    "compilations_after_warmup": compilations, "max_slots": max_slots,
+                    "max_seq_len": max_seq_len}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -211,8 +239,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def format_levels(levels: list[Level]) -> str:
-    rows = ["| mode | clients | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
-            "| TPOT p99 ms | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| mode | clients | requests | tokens/s (median round) | TTFT p50 ms | TTFT p99 ms "
+            "| TPOT p50 ms | TPOT p99 ms | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for level in levels:
         rows.append(f"| {level.mode} | {level.clients} | {len(level.ttft)} | "
                     f"{level.tokens_per_second:,.1f} | {_percentile(level.ttft, 50):.1f} | "

@@ -111,6 +111,21 @@ def w_generate_llmjax(install: str, hf_dir: str, prompts: dict[int, np.ndarray],
     return info
 
 
+def save_reference_model(baselines_path: str, directory: str, seed: int = 7) -> str:
+    """The reference model (baselines.Cfg, built by transformers with `seed`) as a Hugging
+    Face directory any llmjax command takes, with a byte-level BPE of its vocabulary size
+    trained on the bundled plays (the server needs a tokenizer; its texts mean nothing)."""
+    from llmjax.data.sources import read_documents
+    from llmjax.data.tokenizer import save_trained, train_bpe
+
+    baselines = load_baselines(baselines_path)
+    cfg = baselines.Cfg()
+    # The tokenizer first: save_trained renames its files into place as `directory`.
+    save_trained(train_bpe(read_documents("bundled:shakespeare"), cfg.vocab), directory)
+    baselines.make_hf_model(cfg, seed=seed).save_pretrained(directory)
+    return directory
+
+
 def compare_generation(baselines_path: str, reps: int) -> tuple[str, dict[str, Any]]:
     """Run every stack's generation, interleaved `reps` times; (the table, the numbers)."""
     baselines = load_baselines(baselines_path)
