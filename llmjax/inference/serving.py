@@ -1,7 +1,8 @@
 """Serving one HTTP request: settings -> engine requests -> a JSON body or an SSE stream.
 
 The engine thread calls each request's `on_update`; it wakes the HTTP side's asyncio loop
-(`call_soon_threadsafe`), which reads the request's tokens so far. A non-streaming
+(`call_soon_threadsafe`, once for all the updates of a step), which reads the request's
+tokens so far. A non-streaming
 handler polls for the client going away while it waits, and gives up at the deadline;
 a streaming one stops when the client disconnects. Either way the engine requests are
 cancelled and leave their slots at the next step.
@@ -10,6 +11,7 @@ cancelled and leave their slots at the next step.
 import asyncio
 import json
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -27,20 +29,52 @@ from llmjax.inference.texts import ChatTemplateError, Texts, TextStream
 POLL_SECONDS = 0.1  # how often a waiting handler checks that its client is still there
 
 
+class _Wakeups:
+    """Updates from the engine's thread, handed to the asyncio loop in one call per burst:
+    a step updates every busy slot in a row, and one wake-up of the loop (a write to its
+    self-pipe, a turn of the loop) for all of them costs less than one each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self._lock = loop, threading.Lock()
+        self._pending: list[tuple[_Job, int]] = []
+
+    def add(self, job: "_Job", key: int) -> None:  # on the engine's thread
+        with self._lock:
+            self._pending.append((job, key))
+            if len(self._pending) > 1:  # a flush is already scheduled
+                return
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        now = time.monotonic()
+        for job, key in pending:
+            job.first_token.setdefault(key, now)
+            job.changed.set()
+
+
+async def _changed(job: "_Job") -> bool:
+    """Wait for the job's next update: True, or False after POLL_SECONDS without one.
+    (`asyncio.timeout`, not `wait_for`, which makes a task per wait: one per token.)"""
+    try:
+        async with asyncio.timeout(POLL_SECONDS):
+            await job.changed.wait()
+        return True
+    except TimeoutError:
+        return False
+
+
 class _Job:
     """The engine requests of one HTTP request, and an asyncio event per update."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.changed, self.requests = loop, asyncio.Event(), []
+    def __init__(self, wakeups: _Wakeups):
+        self.wakeups, self.changed, self.requests = wakeups, asyncio.Event(), []
         self.submitted = time.monotonic()
         self.first_token: dict[int, float] = {}
 
     def on_update(self, request: Request) -> None:  # on the engine's thread
-        self.loop.call_soon_threadsafe(self._mark, id(request))
-
-    def _mark(self, key: int) -> None:
-        self.first_token.setdefault(key, time.monotonic())
-        self.changed.set()
+        self.wakeups.add(self, id(request))
 
     def cancel(self) -> None:
         for request in self.requests:
@@ -56,6 +90,7 @@ class Service:
                  model_name: str, request_timeout: float):
         self.runner, self.texts, self.metrics = runner, texts, metrics
         self.model_name, self.request_timeout = model_name, request_timeout
+        self._wakeups: _Wakeups | None = None  # for the server's event loop
 
     # --- the endpoints -----------------------------------------------------------------------
 
@@ -138,7 +173,10 @@ class Service:
         for prompt in prompts:
             if any(not 0 <= t < vocab for t in prompt):
                 return error(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
-        job = _Job(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if self._wakeups is None or self._wakeups.loop is not loop:
+            self._wakeups = _Wakeups(loop)
+        job = _Job(self._wakeups)
         try:
             for prompt in prompts:
                 for i in range(n):
@@ -164,10 +202,7 @@ class Service:
             job.changed.clear()
             if job.finished:
                 break
-            try:
-                await asyncio.wait_for(job.changed.wait(), POLL_SECONDS)
-            except TimeoutError:
-                pass
+            await _changed(job)
             if self.runner.error is not None:
                 job.cancel()
                 return error(500, f"the engine stopped: {self.runner.error}")
@@ -237,12 +272,10 @@ class Service:
                     yield event(choices)
                 if all(sent_final):
                     break
-                try:
-                    await asyncio.wait_for(job.changed.wait(), POLL_SECONDS)
-                except TimeoutError:
-                    if await http.is_disconnected() or time.monotonic() > deadline:
-                        job.cancel()
-                        return
+                if not await _changed(job) and (await http.is_disconnected()
+                                                or time.monotonic() > deadline):
+                    job.cancel()
+                    return
                 if self.runner.error is not None:
                     job.cancel()
                     return
