@@ -118,9 +118,9 @@ async def _stream_one(host: str, port: int, prompt: list[int], new_tokens: int
                       ) -> tuple[float, float | None, int]:
     """(time to first token, time per output token after it, tokens) of one request.
 
-    A bare asyncio HTTP/1.1 client: the load generator shares the 2 cores with the
-    server, so it reads the event lines and parses only the usage event (a Python HTTP
-    library parsing every event cost more CPU than the server spent on it)."""
+    A bare asyncio HTTP/1.1 client: the load generator shares the cores with the server,
+    so it spends as little as it can, reading event lines and parsing only the usage
+    event."""
     body = json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0,
                        "ignore_eos": True, "stream": True,
                        "stream_options": {"include_usage": True}}).encode()

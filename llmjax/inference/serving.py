@@ -2,10 +2,9 @@
 
 The engine thread calls each request's `on_update`; it wakes the HTTP side's asyncio loop
 (`call_soon_threadsafe`, once for all the updates of a step), which reads the request's
-tokens so far. A non-streaming
-handler polls for the client going away while it waits, and gives up at the deadline;
-a streaming one stops when the client disconnects. Either way the engine requests are
-cancelled and leave their slots at the next step.
+tokens so far. A non-streaming handler polls for the client going away while it waits,
+and gives up at the deadline; a streaming one stops when the client disconnects. Either
+way the engine requests are cancelled and leave their slots at the next step.
 """
 
 import asyncio
