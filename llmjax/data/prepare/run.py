@@ -8,9 +8,12 @@ import time
 from typing import Any
 
 # Imported here, before the worker processes fork, so that they start with them loaded (the
-# stage modules import clean, sources, prepared, documents and the tokenizers).
+# stage modules import clean, sources, prepared, documents and the tokenizers). By module
+# path: `from llmjax.data.prepare import stages` would go through the package's __init__,
+# which imports this module (a circle).
+import llmjax.data.prepare.stages as stages
+import llmjax.data.prepare.tokens as tokens
 from llmjax.data import prepared, sources
-from llmjax.data.prepare import stages, tokens
 from llmjax.data.prepare.options import (
     REPORT_FILE,
     STAMP_FILE,
