@@ -219,7 +219,8 @@ def compare_serving(model: nnx.Module, model_path: str, eos_ids: Sequence[int],
     with Engine(model, max_slots=max_slots, max_seq_len=max_seq_len, eos_ids=eos_ids,
                 detokenize=detokenize) as engine, ServerProcess(model_path, flags) as server:
         warmup = engine.warmup()
-        engine_level(engine, work, 1), http_level(server, work, 1)  # untimed first pass
+        engine_level(engine, work, 1)  # an untimed first pass of each
+        http_level(server, work, 1)
         levels = []
         for clients in CONCURRENCY:
             alone, served = engine_level(engine, work, clients), http_level(server, work, clients)

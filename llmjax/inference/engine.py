@@ -104,7 +104,12 @@ class Engine:
         self._first_positions = np.zeros(max_slots, np.int32)
         self._admitted = np.zeros(max_slots, bool)  # since the last step was dispatched
         self._settings: tuple[jax.Array, ...] | None = None  # on the device; None: stale
-        self._replicated: jax.sharding.Sharding | None = None
+        # Where host inputs go: replicated over the weights' mesh (or their one device).
+        placed = jax.tree.leaves(self.params)[0].sharding
+        on = self.mesh or getattr(placed, "mesh", None)
+        self._replicated: jax.sharding.Sharding = (
+            jax.sharding.NamedSharding(on, jax.sharding.PartitionSpec()) if on is not None
+            else placed)
         self._inputs: tuple[jax.Array, jax.Array] | None = None  # tokens, positions
         self._in_flight: tuple[list[Request | None], tuple[jax.Array, ...]] | None = None
 
@@ -176,11 +181,6 @@ class Engine:
 
     def _put(self, arrays: Any) -> Any:
         """Host arrays to the device(s) the model is on, replicated."""
-        if self._replicated is None:
-            placed = jax.tree.leaves(self.params)[0].sharding
-            mesh = self.mesh or getattr(placed, "mesh", None)
-            self._replicated = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-                                if mesh is not None else placed)
         # Copies: the transfer may still be reading a host array when device_put returns,
         # and the engine rewrites its per-slot arrays in place at the next admission.
         return jax.device_put(jax.tree.map(np.array, arrays), self._replicated)
@@ -197,7 +197,6 @@ class Engine:
             steps.new_cache, self.graphdef, slots=self.max_slots, length=self.max_seq_len),
             self.params)
         if self.mesh is None:
-            self._put(())  # sets self._replicated
             return jax.tree.map(lambda _: self._replicated, shapes)
         return jax.tree.map(lambda s: sharding.mesh_sharding(
             self.mesh, self.rules, CACHE_AXES[-len(s.shape):], s.shape), shapes)
