@@ -6,8 +6,8 @@
 At each concurrency C (1, 8, 32), C clients each send `requests` greedy completions one
 after another (a random token-id prompt of `prompt_tokens`, exactly `new_tokens`
 generated: ignore_eos). Over HTTP a client is an asyncio task streaming Server-Sent
-Events over its own connection (a bare HTTP/1.1 client in this process: it shares the
-CPU with the server, as a client on the same machine does); alone, a client is a chain
+Events over its own kept-alive connection (a bare HTTP/1.1 client in this process: it
+shares the CPU with the server, as a client on the same machine does); alone, a client is a chain
 of engine.submit calls made as the previous request finishes. Both engines have the
 same slots, sequence length, EOS ids and detokenizer. Each level runs `rounds` times,
 engine and server alternating. Per mode and C: generated tokens/s over a round's wall
@@ -114,27 +114,30 @@ def engine_level(engine: Engine, work: Workload, clients: int) -> Level:
 
 # --- over HTTP -----------------------------------------------------------------------------
 
-async def _stream_one(host: str, port: int, prompt: list[int], new_tokens: int
+async def _stream_one(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                      host: str, prompt: list[int], new_tokens: int
                       ) -> tuple[float, float | None, int]:
-    """(time to first token, time per output token after it, tokens) of one request.
+    """(time to first token, time per output token after it, tokens) of one request, on a
+    kept-alive connection (as the openai client and most others keep theirs).
 
     A bare asyncio HTTP/1.1 client: the load generator shares the cores with the server,
-    so it spends as little as it can, reading event lines and parsing only the usage
-    event."""
+    so it spends as little as it can, reading the chunked body's event lines and parsing
+    only the usage event."""
+    reader, writer = connection
     body = json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0,
                        "ignore_eos": True, "stream": True,
                        "stream_options": {"include_usage": True}}).encode()
     sent, first, last, count = time.perf_counter(), None, None, 0
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
-                     f"application/json\r\nContent-Length: {len(body)}\r\nConnection: "
-                     "close\r\n\r\n".encode() + body)
-        status = await reader.readline()
-        if b" 200 " not in status:
-            raise RuntimeError(f"the server answered {status.decode().strip()}: "
-                               f"{(await reader.read(300))!r}")
-        async for line in reader:  # each event is one chunk of the chunked body
+    writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                 f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    status = await reader.readline()
+    headers = (await reader.readuntil(b"\r\n\r\n")).lower()
+    if b" 200 " not in status or b"transfer-encoding: chunked" not in headers:
+        raise RuntimeError(f"the server answered {status.decode().strip()}: "
+                           f"{(await reader.read(300))!r}")
+    while size := int((await reader.readline()).split(b";")[0], 16):  # a chunk: size, data
+        chunk = await reader.readexactly(size + 2)
+        for line in chunk.splitlines():
             if not line.startswith(b"data: {"):
                 continue
             if b'"usage"' in line:
@@ -142,8 +145,7 @@ async def _stream_one(host: str, port: int, prompt: list[int], new_tokens: int
             else:
                 last = time.perf_counter()
                 first = first or last
-    finally:
-        writer.close()
+    await reader.readline()  # the blank line after the last (empty) chunk
     if first is None or count != new_tokens:
         raise RuntimeError(f"a streamed request ended with {count} of {new_tokens} tokens")
     return first - sent, (last - first) / (count - 1) if count > 1 else None, count
@@ -153,8 +155,13 @@ async def _http_level(host: str, port: int, work: Workload, clients: int) -> Lev
     results: list[tuple[float, float | None, int]] = []
 
     async def client(c: int) -> None:
-        for i in range(work.requests):
-            results.append(await _stream_one(host, port, work.prompt(c, i), work.new_tokens))
+        connection = await asyncio.open_connection(host, port)
+        try:
+            for i in range(work.requests):
+                results.append(await _stream_one(connection, host, work.prompt(c, i),
+                                                 work.new_tokens))
+        finally:
+            connection[1].close()
 
     start = time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(clients)))

@@ -104,28 +104,45 @@ class Texts:
 
 class TextStream:
     """A request's completion as text deltas: what is new since the last call, holding back
-    an unfinished UTF-8 character and anything that may be the start of a stop string."""
+    an unfinished UTF-8 character and anything that may be the start of a stop string.
+
+    Decoding is incremental, so an event costs the same at the 10th token as at the
+    1000th: the new tokens are decoded after the chunk before them (the context a
+    SentencePiece space or a byte-level character needs), and the text they add is
+    the difference. A chunk ends where its text is whole (no U+FFFD), so the next one
+    starts on a character boundary."""
 
     def __init__(self, texts: Texts, stops: Sequence[str]):
         self.texts, self.stops = texts, list(stops)
-        self.sent = 0
+        self.text = ""  # the text of tokens[:self._read]
+        self._context = self._read = 0  # tokens[_context:_read]: the chunk decoded last
+        self._context_text = ""
+        self.sent = 0  # characters of self.text already returned
 
     def delta(self, tokens: Sequence[int], final_text: str | None) -> str:
-        """New text of `tokens`; at the end (`final_text`: the engine's, cut before a stop
-        string) all of what remains."""
+        """New text of `tokens` (the completion so far); at the end (`final_text`: the
+        engine's, cut before a stop string) all of what remains."""
         if final_text is not None:
-            text = final_text
-        else:
-            text = self.texts.decode(tokens)
-            cut = len(text.rstrip("\ufffd"))
-            for stop in self.stops:
-                for n in range(min(len(stop), len(text)) - 1, 0, -1):
-                    if text.endswith(stop[:n]):
-                        cut = min(cut, len(text) - n)
-                        break
-            text = text[:cut]
-        piece, self.sent = text[self.sent:], max(self.sent, len(text))
+            piece, self.sent = final_text[self.sent:], max(self.sent, len(final_text))
+            return piece
+        if len(tokens) > self._read:
+            self._extend(tokens)
+        text, cut = self.text, len(self.text)
+        for stop in self.stops:
+            for n in range(min(len(stop), len(text)) - 1, 0, -1):
+                if text.endswith(stop[:n]):
+                    cut = min(cut, len(text) - n)
+                    break
+        piece, self.sent = text[self.sent:cut], max(self.sent, cut)
         return piece
+
+    def _extend(self, tokens: Sequence[int]) -> None:
+        decoded = self.texts.decode(tokens[self._context:])
+        if decoded.endswith("\ufffd") or len(decoded) < len(self._context_text):
+            return  # mid-character: wait for the token that completes it
+        self.text += decoded[len(self._context_text):]
+        self._context, self._read = self._read, len(tokens)
+        self._context_text = self.texts.decode(tokens[self._context:self._read])
 
 
 def _raise(message: str) -> None:
