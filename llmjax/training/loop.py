@@ -77,6 +77,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         first_step = int(jax.device_get(state.step))
         if jax.process_count() > 1:
             multihost_utils.assert_equal(first_step, "processes start from different steps")
+        from llmjax.data.tokenizer import describe  # transformers: not for the fit check
+
+        print(f"Tokenizer: {describe(data.tokenizer)}", flush=True)
         print(_start_line(run, first_step, peak, peak_source), flush=True)
 
         # --- Train loop ----------------------------------------------------------------------

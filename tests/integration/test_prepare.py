@@ -182,6 +182,9 @@ def test_training_input_from_a_prepared_dataset_and_a_mixture(planted, tmp_path)
         config.data, seed=0, seq_len=32, global_batch_size=8, eval_batches=2,
         workdir=str(tmp_path / "run"))
     assert isinstance(tok, tokenizer.ByteTokenizer)  # the dataset's own, not a new bpe:512
+    assert tokenizer.describe(tok) == (
+        f"byte, 259 ids, built in, the tokenizer of prepared:{report['output']} (in place of "
+        "config.data.tokenizer=bpe:512: a prepared dataset is read with its own tokenizer)")
     assert not (tmp_path / "run" / "tokenizer").exists()
     batches = [next(train_iter) for _ in range(40)]
     sft_targets = sum(int(((b["targets"] == ord("A") + 3) & (b["loss_mask"] == 1)).sum())
