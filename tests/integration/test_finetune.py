@@ -296,6 +296,13 @@ def test_exporting_a_lora_run_merges_its_adapters(tmp_path):
     train_and_evaluate(tiny_config(num_train_steps=6, **{"lora.rank": 4}), workdir)
     convert.export_checkpoint(workdir, str(tmp_path / "hf"))
     assert os.path.isfile(tmp_path / "hf" / "adapter" / "adapter_model.safetensors")
+    # `hf export --adapter`: the same PEFT files alone, in OUT itself.
+    convert.export_checkpoint(workdir, str(tmp_path / "peft"), adapter_only=True)
+    assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json",
+                                                     "adapter_model.safetensors"]
+    for name in os.listdir(tmp_path / "peft"):
+        assert ((tmp_path / "peft" / name).read_bytes()
+                == (tmp_path / "hf" / "adapter" / name).read_bytes())
     model = restore.load_model(workdir)
     tokens = np.arange(1, 17, dtype=np.int32)[None]
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
