@@ -24,7 +24,7 @@ from llmjax.models import flops_per_token
 from llmjax.parallel import distributed, sharding
 from llmjax.training import checkpoint, metrics, setup
 from llmjax.training.early_stopping import EarlyStopping
-from llmjax.training.evaluation import evaluate_run
+from llmjax.training.evaluation import evaluate_run, short_eval_note
 from llmjax.training.flops import peak_flops_per_device
 
 
@@ -80,6 +80,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         from llmjax.data.tokenizer import describe  # transformers: not for the fit check
 
         print(f"Tokenizer: {describe(data.tokenizer)}", flush=True)
+        if short_eval_note(config, data.eval_batches):
+            print(f"Evaluation: {short_eval_note(config, data.eval_batches)}", flush=True)
         print(_start_line(run, first_step, peak, peak_source), flush=True)
 
         # --- Train loop ----------------------------------------------------------------------
