@@ -55,6 +55,10 @@ def test_two_processes_match_one_and_restore_in_one(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stdout[-3000:]
     assert "[p1]" in launched.stdout and "on 8 devices" in launched.stdout
+    # Gloo's connection messages: one line per process instead of one per context.
+    assert "[Gloo]" not in launched.stdout
+    for process in ("p0", "p1"):
+        assert launched.stdout.count(f"[{process}] connected to the other processes") == 1
     reference, distributed = losses(one), losses(two)
     assert sorted(distributed) == list(range(1, 9))
     np.testing.assert_allclose([distributed[s] for s in range(1, 9)],
