@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import documented_metric_keys, tiny_config
 from flax import nnx, traverse_util
 
 from llmjax import hf
@@ -198,6 +198,11 @@ def test_classification_learns_sentiment(family, tmp_path):
           f"F1 {summary['eval/f1']:.3f}, {time.perf_counter() - start:.1f}s")
     assert summary["eval/accuracy"] >= 0.95, summary
     assert summary["eval/f1"] >= 0.95
+    # A classifier counts examples, and every key it logs is in the README's metrics table.
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        keys = {k for record in map(json.loads, f) for k in record} - {"step"}
+    assert "train/examples" in keys and "train/loss_tokens" not in keys
+    assert keys <= documented_metric_keys()
     # llmjax.evaluate on the same held-out examples gives the same numbers.
     out = tmp_path / "eval.json"
     result = evaluate_workdir(str(tmp_path / "run"), output=str(out))
