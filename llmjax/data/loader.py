@@ -108,7 +108,8 @@ def _with_split(spec: SourceSpec, split: str) -> str:
 
 def _tokenizer(spec: str, opened: list[_Opened], workdir: str, process_index: int,
                process_count: int) -> Tokenizer:
-    made_with = {o.metadata["tokenizer_fingerprint"]: (o.metadata["tokenizer"], o.spec.text)
+    made_with = {o.metadata["tokenizer_fingerprint"]: (o.metadata["tokenizer"],
+                                                       f"{o.spec.kind}:{o.spec.location}")
                  for o in opened if o.metadata is not None}
     if len(made_with) > 1:
         names = ", ".join(source for _, source in made_with.values())

@@ -235,7 +235,7 @@ def verdict_lines(config: ml_collections.ConfigDict, report: dict[str, Any],
     """The verdict on `report` (of fit_check) for `accelerator`, and the layouts that fit
     when it does not: lines to print as they come (the search compiles)."""
     if accelerator is None:
-        yield ("verdict: no chip to judge against (a CPU); name one with "
+        yield (f"verdict: none ({source} is not a chip of the table); name one with "
                f"--accelerator={'|'.join(NAMES)}")
         return
     verdict = Verdict(accelerator, report["total_bytes"])

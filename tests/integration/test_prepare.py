@@ -140,7 +140,7 @@ def test_rerun_skips_finished_work_and_redoes_changed_inputs(tmp_path):
     # The summary of a rerun says nothing was redone, not the first run's stage timings.
     [timings] = [x for x in prepare.format_report(again).splitlines() if x.startswith("seconds")]
     assert timings == (f"seconds: nothing redone now (the run that prepared it took "
-                       f"{first['seconds']['total']:.1f})   reused: everything")
+                       f"{first['seconds']['total']:.1f} s)   reused: everything")
     assert "read_clean" in prepare.format_report(first)
     (tmp_path / "3.txt").write_text(documents[3] + " changed")
     changed = prepare.prepare(options(tmp_path, f"text:{tmp_path}/*.txt", num_workers=2),

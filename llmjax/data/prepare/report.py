@@ -74,7 +74,7 @@ def format_report(report: dict[str, Any]) -> str:
     seconds = report["seconds"]
     if report.get("up_to_date"):  # the saved report's timings are those of an earlier run
         lines.append(f"seconds: nothing redone now (the run that prepared it took "
-                     f"{seconds['total']:.1f})   reused: everything")
+                     f"{seconds['total']:.1f} s)   reused: everything")
     else:
         lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
                      + "   reused: " + ", ".join(f"{k} {v}" for k, v in report["cached"].items()))
