@@ -12,9 +12,10 @@ those of the CPU compiler and approximate an accelerator's.
 
 With a chip (`--accelerator`, or the device it runs on) it gives a verdict: the layout
 fits when its total is within MARGIN of the chip's memory. When it does not, it tries
-the memory levers in order of what they cost (`candidate_layouts`: all devices on FSDP,
-then each remat policy from the configured one to "full", each with the fewest
-microbatches that fit) and prints the first layouts that fit with their MFU bounds.
+the memory levers in order of what they cost (`candidate_layouts`: each remat policy from
+the configured one to "full", on the configured mesh and then with all devices on FSDP,
+each with the fewest microbatches that fit) and prints the first layouts that fit with
+their MFU bounds.
 """
 
 import dataclasses
@@ -175,15 +176,16 @@ def _with(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 
 def candidate_layouts(config: ml_collections.ConfigDict) -> Iterator[list[dict[str, Any]]]:
-    """The memory levers, cheapest first: per (mesh, remat policy), the overrides for each
+    """The memory levers, cheapest first: per remat policy (recompute costs FLOPs) and
+    mesh (more FSDP costs communication only, so it comes first), the overrides for each
     number of microbatches from the configured one up (one list per pair)."""
     meshes = [{}]
     if config.mesh.data > 1 or config.mesh.tensor > 1:  # more FSDP: shard the state wider
         meshes.append({"mesh.data": 1, "mesh.tensor": 1, "mesh.fsdp": -1})
     policy = config.model.remat_policy
     policies = REMAT_ORDER[REMAT_ORDER.index(policy):] if policy in REMAT_ORDER else (policy,)
-    for mesh in meshes:
-        for remat in policies:
+    for remat in policies:
+        for mesh in meshes:
             remat_override = {} if remat == policy else {"model.remat_policy": remat}
             accums = [n for n in (1, 2, 4, 8, 16, 32, 64, 128)
                       if n >= config.grad_accum_steps and config.global_batch_size % n == 0]

@@ -50,11 +50,11 @@ def test_fits_with_headroom_and_does_not_fit_then_finds_a_layout():
 def test_the_levers_come_cheapest_first():
     config = tiny_config(**{"model.remat_policy": "dots", "mesh.data": 2})
     ladders = list(memory.candidate_layouts(config))
-    # Per mesh (as configured, then every device on FSDP), remat from "dots" to "full".
+    # Remat from "dots" to "full", each on the configured mesh, then every device on FSDP.
+    fsdp = {"mesh.data": 1, "mesh.tensor": 1, "mesh.fsdp": -1}
     assert [ladder[0] for ladder in ladders] == [
-        {}, {"model.remat_policy": "dots_no_batch"}, {"model.remat_policy": "full"},
-        {"mesh.data": 1, "mesh.tensor": 1, "mesh.fsdp": -1},
-        {"mesh.data": 1, "mesh.tensor": 1, "mesh.fsdp": -1, "model.remat_policy": "dots_no_batch"},
-        {"mesh.data": 1, "mesh.tensor": 1, "mesh.fsdp": -1, "model.remat_policy": "full"}]
+        {}, fsdp, {"model.remat_policy": "dots_no_batch"},
+        {**fsdp, "model.remat_policy": "dots_no_batch"}, {"model.remat_policy": "full"},
+        {**fsdp, "model.remat_policy": "full"}]
     # Microbatches that divide the batch of 8, fewest first.
     assert [x.get("grad_accum_steps", 1) for x in ladders[0]] == [1, 2, 4, 8]
