@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from llmjax.config import with_overrides
 from llmjax.models import flops_per_token
 from llmjax.parallel import sharding
 from llmjax.training import setup
@@ -163,18 +164,6 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes / 2**20:.2f} MiB"
 
 
-def _with(config: ml_collections.ConfigDict, overrides: dict[str, Any]
-          ) -> ml_collections.ConfigDict:
-    changed = ml_collections.ConfigDict(config.to_dict())
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = changed
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return changed
-
-
 def candidate_layouts(config: ml_collections.ConfigDict) -> Iterator[list[dict[str, Any]]]:
     """The memory levers, cheapest first: per remat policy (recompute costs FLOPs) and
     mesh (more FSDP costs communication only, so it comes first), the overrides for each
@@ -212,7 +201,7 @@ def search_layouts(config: ml_collections.ConfigDict, accelerator: Accelerator,
                 continue  # the configured layout: already measured
             if compiles == max_compiles:
                 return
-            candidate = _with(config, overrides)
+            candidate = with_overrides(config, overrides)
             try:
                 if (candidate.global_batch_size // candidate.grad_accum_steps
                         % _batch_shards(candidate)):
