@@ -80,8 +80,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         from llmjax.data.tokenizer import describe  # transformers: not for the fit check
 
         print(f"Tokenizer: {describe(data.tokenizer)}", flush=True)
-        if short_eval_note(config, data.eval_batches):
-            print(f"Evaluation: {short_eval_note(config, data.eval_batches)}", flush=True)
+        if note := short_eval_note(config, data.eval_batches):
+            print(f"Evaluation: {note}", flush=True)
         print(_start_line(run, first_step, peak, peak_source), flush=True)
 
         # --- Train loop ----------------------------------------------------------------------
