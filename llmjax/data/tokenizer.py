@@ -105,7 +105,7 @@ class HuggingFaceTokenizer(Tokenizer):
         self.bos_id = eos_id if bos_id is None else bos_id
         self.pad_id = eos_id if pad_id is None else pad_id
         self._backend: _RustTokenizer | None = getattr(hf_tokenizer, "backend_tokenizer", None)
-        self.source = spec
+        self.source = f"from {spec}"  # a directory; bpe: and prepared datasets say more
 
     def encode(self, text: str) -> list[int]:
         return self.hf_tokenizer.encode(text, add_special_tokens=False)
@@ -140,14 +140,9 @@ def load_tokenizer(spec: str, documents: Sequence[str] | None = None,
                              "tokenizer in")
         return _load_or_train_bpe(spec, int(vocab_size), documents, workdir)
     if _is_remote(spec):
-        tokenizer = _load_remote_directory(spec, spec)
-    elif os.path.isdir(os.path.expanduser(spec)):
-        tokenizer = _load_directory(spec, os.path.expanduser(spec))
-    else:
-        tokenizer = None
-    if tokenizer is not None:
-        tokenizer.source = f"from {spec}"
-        return tokenizer
+        return _load_remote_directory(spec, spec)
+    if os.path.isdir(os.path.expanduser(spec)):
+        return _load_directory(spec, os.path.expanduser(spec))
     raise ValueError(f"data.tokenizer={spec!r} is not a directory, 'bpe:VOCAB_SIZE' or 'byte'; "
                      "give a local tokenizer directory (saved with save_pretrained) or one of "
                      "those two")
@@ -208,7 +203,7 @@ def save_trained(raw: _RustTokenizer, directory: str) -> None:
 
 def describe(tokenizer: Tokenizer) -> str:
     """Kind, vocabulary and origin in one phrase: `BPE, 4,096 ids, from runs/x/tokenizer
-    (bpe:4096 trained on this run's training text)`."""
+    (bpe:4096 trained now on its training text)`."""
     if tokenizer.hf_tokenizer is None:
         kind = "byte"
     else:
