@@ -14,8 +14,10 @@ Expect:   the loss counts response tokens only (the prompt is context); rank-16 
           `lora.save_peft` writes adapter_config.json + adapter_model.safetensors for peft.
 
 `:tiny` trains adapters on a 2-layer model from scratch (random frozen weights: a smoke
-test of the machinery, not a useful model) on bundled Shakespeare: 8,192 of 115,392 weights
-(7.1%) train, eval loss 5.27 after 40 steps (ln 259 = 5.56 untrained), 23 s on a 2-core CPU.
+test of the machinery, not a useful model) on bundled Shakespeare (no file needed):
+          python -m llmjax.train --config=configs/lora_sft.py:tiny
+8,192 of 115,392 weights (7.1%) train, eval loss 5.27 after 40 steps (ln 259 = 5.56
+untrained), 23 s on a 2-core CPU.
 """
 
 from llmjax.config import base_config

@@ -6,12 +6,14 @@
 
 Each process gets the coordinator address, the process count and its id (through
 LLMJAX_* variables read by llmjax.parallel.distributed), and on CPU its own simulated devices.
-Output lines are prefixed with [pN]. If one process fails, the others are stopped.
+Output lines are prefixed with [pN]; Gloo's connection messages (CPU collectives) become
+one line per process. If one process fails, the others are stopped.
 `--dry_run` prints the exact commands instead of running them.
 """
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import socket
@@ -42,8 +44,19 @@ def commands(args, train_args: list[str]) -> list[tuple[dict[str, str], list[str
     return out
 
 
+# Gloo prints a line per collective context it connects (about 8 for two processes),
+# interleaved with the run's own output; each process gets one line for all of them.
+GLOO_CONNECTED = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+
+
 def stream(prefix: str, pipe, sink) -> None:
+    connected = False
     for line in pipe:
+        if GLOO_CONNECTED.match(line):
+            if connected:
+                continue
+            connected = True
+            line = "connected to the other processes (gloo collectives)\n"
         sink.write(f"[{prefix}] {line}")
         sink.flush()
 

@@ -15,6 +15,8 @@ from absl import app, flags, logging
 
 # TensorFlow (loaded by TFDS and the TensorBoard writer) prints C++ start-up logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# transformers warns "PyTorch was not found" on import; llmjax uses it for tokenizers only.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -186,5 +186,18 @@ def check_task(task: str, model_cfg: Any) -> None:
         raise ValueError("config.task=classify needs config.model.num_labels > 0")
 
 
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
+                   ) -> ml_collections.ConfigDict:
+    """A copy of `config` with {"dotted.key": value} set, as --config.KEY=VALUE would."""
+    changed = ml_collections.ConfigDict(config.to_dict())
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        section = changed
+        for parent in parents:
+            section = section[parent]
+        section[leaf] = value
+    return changed
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)

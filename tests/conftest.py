@@ -63,3 +63,14 @@ def write_text_tfds(data_dir, name, splits):
         lengths[split] = ([len(texts)], prepared.write_shard(
             str(path), ({"text": t} for t in texts), features)[1])
     prepared.write_metadata(str(directory), name, features, lengths, {}, "test")
+
+
+def documented_metric_keys():
+    """The keys of the README's metrics table (its first column)."""
+    import re
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "README.md")
+    with open(readme, encoding="utf-8") as f:
+        rows = [line.split("|")[1] for line in f if line.startswith("| `")]
+    return {key for cell in rows for key in re.findall(r"`([a-z_]+(?:/[a-z_0-9]+)?)`", cell)}

@@ -13,6 +13,7 @@
     prepared.py      the on-disk format `llmjax.data.prepare` writes (TFDS, array_record)
     loader.py        config.data -> tokenizer, training iterator and eval batches
     classify.py      labelled text -> padded rows and labels (sequence classification)
+    sentiment.py     bundled:sentiment, the synthetic labelled set of the :tiny classifiers
     bench.py         throughput of the tokenizer, the pipeline and the train step
 
 Names are imported on first use, so that a light module (sources, clean, documents) does not

@@ -4,6 +4,7 @@
     csv:GLOB[#TEXT+LABEL]        one example per row, with a header line
     tfds:NAME[/CONFIG][:SPLIT][#TEXT+LABEL]   e.g. tfds:imdb_reviews:train,
                                  tfds:glue/sst2:train#sentence+label (prepared, never downloaded)
+    bundled:sentiment            600 synthetic two-class records (llmjax.data.sentiment)
 
 Labels are integers 0..num_labels-1. Each row is one example: [bos] + tokens, cut to
 `seq_len`, padded with segment id 0 (BERT pools the first token, decoders the last real one).
@@ -20,7 +21,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from llmjax.data import sources
+from llmjax.data import sentiment, sources
 from llmjax.data.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_FIELDS = ("text", "label")
@@ -31,9 +32,11 @@ def parse(source: str, key: str) -> tuple[str, str, str, tuple[str, str]]:
     kind, _, rest = source.partition(":")
     location, hash_, field_text = rest.rpartition("#") if "#" in rest else (rest, "", "")
     fields = tuple(field_text.split("+")) if hash_ else DEFAULT_FIELDS
-    if kind not in ("jsonl", "csv", "tfds") or not location or len(fields) != 2:
-        raise ValueError(f"{key}={source!r}: a classification source is jsonl:GLOB, csv:GLOB "
-                         "or tfds:NAME[:SPLIT], optionally with #TEXT_FIELD+LABEL_FIELD")
+    if (kind not in ("jsonl", "csv", "tfds", "bundled") or not location or len(fields) != 2
+            or (kind == "bundled" and location != "sentiment")):
+        raise ValueError(f"{key}={source!r}: a classification source is jsonl:GLOB, csv:GLOB, "
+                         "tfds:NAME[:SPLIT], optionally with #TEXT_FIELD+LABEL_FIELD, or "
+                         "bundled:sentiment")
     split = "train"
     if kind == "tfds":
         location, _, split = location.partition(":")
@@ -45,6 +48,9 @@ def read_examples(source: str, key: str, data_dir: str | None = None
                   ) -> tuple[list[str], np.ndarray]:
     """(texts, int labels) of every example of `source`, in file order."""
     kind, location, split, (text_field, label_field) = parse(source, key)
+    if kind == "bundled":
+        texts, labels = sentiment.examples()
+        return texts, np.asarray(labels, np.int32)
     if kind == "tfds":
         spec = sources.parse_source(f"tfds:{location}:{split}", key)
         records: Sequence[Any] = sources.open_tfds(spec, data_dir)

@@ -4,8 +4,9 @@
     data.eval      one source; empty: hold out `eval_fraction` of the first training source
                    if it is read into memory, else use its `validation` split
     data.tokenizer a directory, `bpe:N` or `byte`. A prepared dataset carries the tokenizer
-                   that made its tokens: with a prepared source, `bpe:N` means "that one",
-                   and any other tokenizer must be the same one
+                   that made its tokens: with a prepared source, `bpe:N` means "that one"
+                   (the start-up line prints the replacement), and any other tokenizer
+                   must be the same one (else an error)
 
 Text sources (bundled:, text:, jsonl:, parquet:) are read and tokenized whole by every
 process: fine for what fits in memory. Prepared datasets are read record by record, each
@@ -19,7 +20,6 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import logging
 
 from llmjax.data import documents, pipeline, prepared, sources
 from llmjax.data.sources import IN_MEMORY_KINDS, SourceSpec
@@ -108,7 +108,8 @@ def _with_split(spec: SourceSpec, split: str) -> str:
 
 def _tokenizer(spec: str, opened: list[_Opened], workdir: str, process_index: int,
                process_count: int) -> Tokenizer:
-    made_with = {o.metadata["tokenizer_fingerprint"]: (o.metadata["tokenizer"], o.spec.text)
+    made_with = {o.metadata["tokenizer_fingerprint"]: (o.metadata["tokenizer"],
+                                                       f"{o.spec.kind}:{o.spec.location}")
                  for o in opened if o.metadata is not None}
     if len(made_with) > 1:
         names = ", ".join(source for _, source in made_with.values())
@@ -116,14 +117,19 @@ def _tokenizer(spec: str, opened: list[_Opened], workdir: str, process_index: in
                          "tokenized with different tokenizers; prepare them with one")
     if made_with:
         [(expected, (path, source))] = made_with.items()
-        if spec.startswith("bpe:"):
-            logging.info("data.tokenizer=%s: using %s, which tokenized %s", spec, path, source)
-            spec = path
-        tokenizer = load_tokenizer(spec)
+        # bpe:N would train a new tokenizer; a prepared dataset's ids need the one that made
+        # them, so it replaces bpe:N, and the start-up line says so.
+        replaced = spec if spec.startswith("bpe:") else ""
+        tokenizer = load_tokenizer(path if replaced else spec)
         if fingerprint(tokenizer) != expected:
             raise ValueError(f"config.data.tokenizer={spec!r} is not the tokenizer that "
                              f"tokenized {source!r} ({path}); leave data.tokenizer at bpe:N "
                              "to use that one")
+        tokenizer.source = (f"{'built in' if path == 'byte' else 'from ' + path}, the "
+                            f"tokenizer of {source}")
+        if replaced:
+            tokenizer.source += (f" (in place of config.data.tokenizer={replaced}: a prepared "
+                                 "dataset is read with its own tokenizer)")
         return tokenizer
     texts = [sources.document_text(d) for o in opened if o.documents is not None
              for d in o.documents]

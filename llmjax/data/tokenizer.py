@@ -42,6 +42,8 @@ class Tokenizer:
       bos_id, eos_id, pad_id: ids of the special tokens.
       hf_tokenizer: the underlying `transformers` tokenizer, for saving beside an exported
         model; None for the byte tokenizer.
+      source: where it came from (a directory, trained for this run, built in), for the
+        start-up line (`describe`).
     """
 
     vocab_size: int
@@ -49,6 +51,7 @@ class Tokenizer:
     eos_id: int
     pad_id: int
     hf_tokenizer: transformers.PreTrainedTokenizerBase | None = None
+    source: str = ""
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without special tokens."""
@@ -69,6 +72,7 @@ class ByteTokenizer(Tokenizer):
     pad_id, bos_id, eos_id = 0, 1, 2
     byte_offset = len(SPECIAL_TOKENS)
     vocab_size = byte_offset + 256
+    source = "built in (data.tokenizer=byte: UTF-8 bytes and pad/bos/eos, no files)"
 
     def encode(self, text: str) -> list[int]:
         return [b + self.byte_offset for b in text.encode("utf-8")]
@@ -101,6 +105,7 @@ class HuggingFaceTokenizer(Tokenizer):
         self.bos_id = eos_id if bos_id is None else bos_id
         self.pad_id = eos_id if pad_id is None else pad_id
         self._backend: _RustTokenizer | None = getattr(hf_tokenizer, "backend_tokenizer", None)
+        self.source = f"from {spec}"  # a directory; bpe: and prepared datasets say more
 
     def encode(self, text: str) -> list[int]:
         return self.hf_tokenizer.encode(text, add_special_tokens=False)
@@ -196,6 +201,18 @@ def save_trained(raw: _RustTokenizer, directory: str) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def describe(tokenizer: Tokenizer) -> str:
+    """Kind, vocabulary and origin in one phrase: `BPE, 4,096 ids, from runs/x/tokenizer
+    (bpe:4096 trained now on its training text)`."""
+    if tokenizer.hf_tokenizer is None:
+        kind = "byte"
+    else:
+        backend = getattr(tokenizer.hf_tokenizer, "backend_tokenizer", None)
+        kind = (type(backend.model).__name__ if backend is not None
+                else type(tokenizer.hf_tokenizer).__name__)
+    return f"{kind}, {tokenizer.vocab_size:,} ids, {tokenizer.source}"
+
+
 def fingerprint(tokenizer: Tokenizer) -> str:
     """A short hash of what ids a tokenizer produces: its vocabulary and special ids."""
     digest = hashlib.sha256(f"{tokenizer.bos_id} {tokenizer.eos_id} {tokenizer.pad_id} "
@@ -235,9 +252,12 @@ def _load_or_train_bpe(spec: str, vocab_size: int, documents: Sequence[str] | No
             _upload_trained(train_bpe(documents, vocab_size), directory)
         else:
             save_trained(train_bpe(documents, vocab_size), directory)
-    if remote:
-        return _load_remote_directory(spec, directory)
-    return _load_directory(spec, directory)
+    tokenizer = (_load_remote_directory(spec, directory) if remote
+                 else _load_directory(spec, directory))
+    tokenizer.source = (f"from {directory} ({spec} "
+                        f"{'saved by this run before' if saved else 'trained now'} on its "
+                        "training text)")
+    return tokenizer
 
 
 def _load_directory(spec: str, directory: str, shown: str | None = None) -> Tokenizer:

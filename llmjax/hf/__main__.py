@@ -6,9 +6,14 @@
     python -m llmjax.hf export WORKDIR_OR_CHECKPOINT OUT [--dtype=bfloat16] [--max_shard_size=5GB]
         a run's newest checkpoint (or WORKDIR/checkpoints/STEP) -> a directory transformers
         loads; a LoRA run's adapters merged, and in the PEFT layout under OUT/adapter
+    python -m llmjax.hf export LORA_WORKDIR OUT --adapter
+        a LoRA run's adapters alone (adapter_config.json, adapter_model.safetensors in OUT):
+        peft.PeftModel.from_pretrained(base_model, OUT)
 
 What each does: llmjax.training.convert.
 """
+
+import os
 
 from absl import flags
 
@@ -22,6 +27,8 @@ flags.DEFINE_bool("allow_pickle", False, "import: also read pickle-based .bin we
 flags.DEFINE_enum("dtype", None, sorted(DTYPES), "export: dtype of the written tensors "
                   "(default: the parameters').")
 flags.DEFINE_string("max_shard_size", "5GB", "export: largest safetensors file, e.g. 500MB.")
+flags.DEFINE_bool("adapter", False, "export: a LoRA run's PEFT adapter alone (adapter_config.json "
+                  "+ adapter_model.safetensors in OUT), not the merged model.")
 
 USAGE = ("give `import HF_DIR OUT` or `export WORKDIR_OR_CHECKPOINT OUT` "
          "(python -m llmjax.hf --help)")
@@ -37,8 +44,16 @@ def main(argv: list[str]) -> None:
               f"back to HF: python -m llmjax.hf export {out} DIR)")
     else:
         convert.export_checkpoint(source, out, dtype=FLAGS.dtype,
-                                  max_shard_size=FLAGS.max_shard_size)
-        print(f"Exported {source} -> {out} (transformers: AutoModel*.from_pretrained({out!r}))")
+                                  max_shard_size=FLAGS.max_shard_size,
+                                  adapter_only=FLAGS.adapter)
+        if FLAGS.adapter:
+            print(f"Exported the adapter of {source} -> {out} "
+                  f"(peft: PeftModel.from_pretrained(base_model, {out!r}))")
+        elif os.path.isdir(os.path.join(out, "adapter")):
+            print(f"Exported {source} -> {out} (transformers: AutoModel*.from_pretrained("
+                  f"{out!r}); the adapter alone, for peft: {os.path.join(out, 'adapter')})")
+        else:
+            print(f"Exported {source} -> {out} (transformers: AutoModel*.from_pretrained({out!r}))")
 
 
 if __name__ == "__main__":

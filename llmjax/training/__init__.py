@@ -15,7 +15,9 @@
     checkpoint.py   Orbax checkpoints
     metrics.py      writers (TensorBoard, metrics.jsonl, console), tokens/s, MFU
     early_stopping.py  early stopping on an eval metric, the best step
-    memory.py       the fit check (--compile_only): per-device memory and FLOPs
-    flops.py        peak FLOP/s per device, for MFU
+    memory.py       the fit check (--compile_only): per-device memory and FLOPs, the
+                    verdict for a chip, the memory levers' layouts that fit
+    accelerators.py the chips: memory and peak FLOP/s per chip (fit check, MFU)
+    flops.py        peak FLOP/s per device, for MFU (a fixed nominal peak on CPU)
     benchmark.py, benchmark_reference.py   timing the train step, beside other stacks
 """

@@ -48,21 +48,31 @@ def import_checkpoint(hf_dir: str, out: str, *, allow_pickle: bool = False) -> s
 
 
 def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
-                      max_shard_size: int | str = "5GB") -> str:
+                      max_shard_size: int | str = "5GB", adapter_only: bool = False) -> str:
     """Model path of a run -> HF directory `out`, with the run's tokenizer when it has one
-    (its tokenizer/ or a data.tokenizer directory). Returns `out`."""
+    (its tokenizer/ or a data.tokenizer directory). Returns `out`.
+
+    `adapter_only`: a LoRA run's adapters (and trained heads) alone, in the PEFT layout
+    in `out` itself, for users who load the base model from elsewhere."""
     run_dir, _, _ = workdir.split_checkpoint(source)
     run_config = workdir.read_config(run_dir)
-    if lora.enabled(ml_collections.ConfigDict(run_config["lora"])):
+    is_lora = lora.enabled(ml_collections.ConfigDict(run_config["lora"]))
+    if adapter_only and not is_lora:
+        raise ValueError(f"{source}: not a LoRA run (config.lora.rank is 0), so it has no "
+                         "adapter; export the whole model without --adapter")
+    if is_lora:
         restored = restore.restore_run(source)
         run = restored.run
-        model = nnx.merge(run.graphdef, jax.jit(run.merge)(restored.trainable,
-                                                           restored.frozen))
         trainable = restored.trainable
-        peft.save_peft(os.path.join(out, "adapter"), lora.adapter_items(trainable["adapters"]),
+        peft.save_peft(out if adapter_only else os.path.join(out, "adapter"),
+                       lora.adapter_items(trainable["adapters"]),
                        traverse_util.flatten_dict(trainable["heads"], sep="/"),
                        rank=run.config.lora.rank, alpha=run.config.lora.alpha,
                        model_cfg=run.model_cfg)
+        if adapter_only:
+            return out
+        model = nnx.merge(run.graphdef, jax.jit(run.merge)(restored.trainable,
+                                                           restored.frozen))
     else:
         model = restore.load_model(source)
     tokenizer: Any = restore.tokenizer_spec(source)

@@ -43,6 +43,15 @@ def evaluate(eval_step: Callable[[dict[str, jax.Array]], dict[str, jax.Array]],
     return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))}
 
 
+def short_eval_note(config: Any, batches: Sequence[Batch]) -> str:
+    """Why a language model's evaluation has fewer batches than config.eval_batches (the
+    held-out documents ran out), or "" when it has them all; classifiers use every example."""
+    if config.task == "classify" or len(batches) >= config.eval_batches:
+        return ""
+    return (f"the eval data fill {len(batches)} of config.eval_batches={config.eval_batches} "
+            f"batches of {config.global_batch_size} x {config.seq_len}")
+
+
 def evaluate_run(run: setup.Run, steps: setup.Steps, trainable: Any,
                  batches: Sequence[Batch]) -> dict[str, float]:
     """`evaluate` with the run's eval step on `trainable` and its batch placement."""
@@ -80,6 +89,9 @@ def evaluate_workdir(workdir: str, *, data: str = "", best: bool = False, output
         "examples" if classifier else "batches": (
             int(sum(np.sum(b["loss_mask"]) for b in run_data.eval_batches)) if classifier
             else len(run_data.eval_batches))})
+    note = short_eval_note(config, run_data.eval_batches)
+    if note:
+        results["note"] = note
     if output and jax.process_index() == 0:
         epath.Path(output).write_text(json.dumps(results, indent=2) + "\n")
     return results

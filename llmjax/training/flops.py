@@ -1,42 +1,32 @@
-"""Peak FLOP/s per device, for model FLOPs utilisation (MFU).
+"""Peak FLOP/s per device: the denominator of model FLOPs utilisation (MFU, in percent).
+
+On a GPU or TPU it is the chip's dense bf16 peak (llmjax.training.accelerators). On a CPU
+it is a fixed nominal figure, CPU_PEAK_FLOPS_PER_CORE times the cores this process may
+use, so that MFU compares between runs on one machine whatever else the machine is doing
+(a matmul timed at start-up read anywhere from 7 to 144 GFLOP/s on one 2-core machine in
+one hour). `config.peak_flops_per_device` replaces either.
 
 Kept apart from llmjax.training.metrics (which needs clu) so that llmjax.bench runs on machines
 with only jax, flax, optax and ml_collections installed.
 """
 
 import math
-import time
+import os
 
 import jax
-import jax.numpy as jnp
 
-# Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` prefix.
-PEAK_FLOPS = {
-    "NVIDIA H200": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA L4": 121e12,
-    "NVIDIA B200": 2250e12,
-    "TPU v6": 918e12,  # Trillium (v6e)
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5": 459e12,
-    "TPU v4": 275e12,
-    "TPU v3": 123e12,
-}
+from llmjax.training import accelerators
+
+# An AVX2 core's fp32 peak: two 8-lane FMA units (32 FLOP a cycle) at 3 GHz.
+CPU_PEAK_FLOPS_PER_CORE = 96e9
 
 
-def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a float32 [size, size] matmul on the first CPU device, best of `repeats`."""
-    x = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda a: a @ a)
-    matmul(x).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matmul(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity: a container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity call
+        return os.cpu_count() or 1
 
 
 def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
@@ -44,11 +34,15 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
     if override:
         return float(override), "config.peak_flops_per_device"
     device = jax.devices()[0]
-    for prefix, peak in PEAK_FLOPS.items():
-        if device.device_kind.startswith(prefix):
-            return peak, f"{device.device_kind} dense bf16 peak"
+    accelerator = accelerators.of_device(device)
+    if accelerator is not None:
+        return accelerator.peak_flops, f"{device.device_kind} dense bf16 peak"
     if device.platform == "cpu":
         # Simulated CPU devices share the host's cores.
-        peak = measure_cpu_peak_flops() / jax.local_device_count()
-        return peak, "measured fp32 matmul on this CPU, shared by the local devices"
+        cores = cpu_cores()
+        peak = CPU_PEAK_FLOPS_PER_CORE * cores / jax.local_device_count()
+        return peak, (f"nominal CPU peak, {CPU_PEAK_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s x "
+                      f"{cores} core{'s' if cores != 1 else ''}, shared by "
+                      f"{jax.local_device_count()} local device(s); "
+                      f"set config.peak_flops_per_device for yours")
     return math.nan, f"unknown peak for {device.device_kind}; set config.peak_flops_per_device"

@@ -24,7 +24,7 @@ from llmjax.models import flops_per_token
 from llmjax.parallel import distributed, sharding
 from llmjax.training import checkpoint, metrics, setup
 from llmjax.training.early_stopping import EarlyStopping
-from llmjax.training.evaluation import evaluate_run
+from llmjax.training.evaluation import evaluate_run, short_eval_note
 from llmjax.training.flops import peak_flops_per_device
 
 
@@ -77,6 +77,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         first_step = int(jax.device_get(state.step))
         if jax.process_count() > 1:
             multihost_utils.assert_equal(first_step, "processes start from different steps")
+        from llmjax.data.tokenizer import describe  # transformers: not for the fit check
+
+        print(f"Tokenizer: {describe(data.tokenizer)}", flush=True)
+        if note := short_eval_note(config, data.eval_batches):
+            print(f"Evaluation: {note}", flush=True)
         print(_start_line(run, first_step, peak, peak_source), flush=True)
 
         # --- Train loop ----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Fit check: compile the train step for a config's mesh without allocating the model.
 
-    python -m llmjax.train --config=configs/llama3_8b.py --compile_only --num_devices=64
+    python -m llmjax.train --config=configs/llama3_8b.py --compile_only --num_devices=64 \
+        --accelerator=v5p
 
 prints, per device: parameter, optimizer-state and activation (XLA temporary) bytes,
 the FLOPs of the compiled step, and the MFU bound they imply (model FLOPs over compiled
@@ -8,19 +9,36 @@ FLOPs: rematerialisation recomputes work that MFU does not count). Without enoug
 devices it compiles for simulated CPU devices (`--num_devices`), which gives the
 sharding and the sizes of parameters and optimizer state exactly; activation bytes are
 those of the CPU compiler and approximate an accelerator's.
+
+With a chip (`--accelerator`, or the device it runs on) it gives a verdict: the layout
+fits when its total is within MARGIN of the chip's memory. When it does not, it tries
+the memory levers in order of what they cost (`candidate_layouts`: each remat policy from
+the configured one to "full", on the configured mesh and then with all devices on FSDP,
+each with the fewest microbatches that fit) and prints the first layouts that fit with
+their MFU bounds.
 """
 
+import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from llmjax.config import with_overrides
 from llmjax.models import flops_per_token
 from llmjax.parallel import sharding
 from llmjax.training import setup
+from llmjax.training.accelerators import GIB, NAMES, Accelerator
+
+# A layout fits when it needs at most this share of the chip: the runtime keeps buffers
+# of its own, and activation bytes compiled on CPU devices only approximate the chip's.
+MARGIN = 0.9
+# Least recompute first: each policy saves fewer activations than the one before it.
+REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")
 
 
 def _compile(config: ml_collections.ConfigDict, model_overrides: dict[str, Any]):
@@ -45,28 +63,17 @@ def _bytes_per_device(tree) -> int:
                for x in jax.tree.leaves(tree))
 
 
-def fit_check(config: ml_collections.ConfigDict) -> dict[str, float]:
-    """Compile the configured train step; return per-device memory and FLOPs."""
+def measure_memory(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Compile the configured train step; return its per-device bytes and the run."""
     start = time.perf_counter()
     compiled, run = _compile(config, {})
     compile_seconds = time.perf_counter() - start
     state, _, frozen = run.abstract_inputs()
     memory = compiled.memory_analysis()
-
-    # XLA's cost analysis counts the body of a loop once (scanned layers, microbatches),
-    # so measure one layer's FLOPs from 1- and 2-layer compiles without loops and scale
-    # up to the real depth.
-    probe = ml_collections.ConfigDict(config.to_dict())
-    probe.grad_accum_steps = 1
-    one = _flops(_compile(probe, dict(num_layers=1, scan_layers=False))[0])
-    two = _flops(_compile(probe, dict(num_layers=2, scan_layers=False))[0])
-    cfg, mesh = run.model_cfg, run.mesh
-    compiled_flops = one + (cfg.num_layers - 1) * (two - one)
-    tokens = config.global_batch_size * config.seq_len
-    model_flops = flops_per_token(cfg, config.seq_len) * tokens / mesh.size
     return {
-        "devices": mesh.size,
-        "mesh": dict(mesh.shape),
+        "run": run,
+        "devices": run.mesh.size,
+        "mesh": dict(run.mesh.shape),
         "parameters": run.num_params,
         "param_bytes": _bytes_per_device((state.params, frozen)),
         "optimizer_bytes": _bytes_per_device(state.opt_state),
@@ -76,29 +83,166 @@ def fit_check(config: ml_collections.ConfigDict) -> dict[str, float]:
         "alias_bytes": memory.alias_size_in_bytes,
         "total_bytes": (memory.argument_size_in_bytes + memory.output_size_in_bytes
                         - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
-        "model_flops": model_flops,
-        "compiled_flops": compiled_flops,
-        "mfu_bound": model_flops / compiled_flops,
         "compile_seconds": compile_seconds,
     }
 
 
+def measure_flops(config: ml_collections.ConfigDict, run: setup.Run) -> dict[str, float]:
+    """Model and compiled FLOPs per device per step, and their ratio (the MFU bound)."""
+    # XLA's cost analysis counts the body of a loop once (scanned layers, microbatches),
+    # so measure one layer's FLOPs from 1- and 2-layer compiles without loops and scale
+    # up to the real depth.
+    probe = ml_collections.ConfigDict(config.to_dict())
+    probe.grad_accum_steps = 1
+    one = _flops(_compile(probe, dict(num_layers=1, scan_layers=False))[0])
+    two = _flops(_compile(probe, dict(num_layers=2, scan_layers=False))[0])
+    compiled_flops = one + (run.model_cfg.num_layers - 1) * (two - one)
+    tokens = config.global_batch_size * config.seq_len
+    model_flops = flops_per_token(run.model_cfg, config.seq_len) * tokens / run.mesh.size
+    return {"model_flops": model_flops, "compiled_flops": compiled_flops,
+            "mfu_bound": model_flops / compiled_flops}
+
+
+def fit_check(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Compile the configured train step; return per-device memory and FLOPs."""
+    report = measure_memory(config)
+    return {**report, **measure_flops(config, report["run"])}
+
+
 def format_report(config: ml_collections.ConfigDict, r: dict[str, Any]) -> str:
-    gib = 2.0**30
     rows = [
         ("mesh", f"{r['mesh']} ({r['devices']} devices), rules {config.mesh.rules}"),
         ("model", f"{r['parameters'] / 1e9:.3f}B parameters, {config.model.dtype} compute, "
                   f"remat {config.model.remat_policy}, scan {config.model.scan_layers}"),
         ("batch", f"{config.global_batch_size} x {config.seq_len} tokens, "
                   f"{config.grad_accum_steps} microbatch(es)"),
-        ("parameters / device", f"{r['param_bytes'] / gib:.2f} GiB"),
-        ("optimizer state / device", f"{r['optimizer_bytes'] / gib:.2f} GiB"),
-        ("activations+temp / device", f"{r['temp_bytes'] / gib:.2f} GiB"),
-        ("total / device", f"{r['total_bytes'] / gib:.2f} GiB"),
+        ("parameters / device", f"{r['param_bytes'] / GIB:.2f} GiB"),
+        ("optimizer state / device", f"{r['optimizer_bytes'] / GIB:.2f} GiB"),
+        ("activations+temp / device", f"{r['temp_bytes'] / GIB:.2f} GiB"),
+        ("total / device", f"{r['total_bytes'] / GIB:.2f} GiB"),
         ("model FLOPs / device / step", f"{r['model_flops'] / 1e12:.1f} TFLOP"),
         ("compiled FLOPs / device / step", f"{r['compiled_flops'] / 1e12:.1f} TFLOP"),
         ("MFU bound (model / compiled)", f"{100 * r['mfu_bound']:.1f}%"),
         ("compile time", f"{r['compile_seconds']:.1f} s"),
     ]
-    width = max(len(k) for k, _ in rows)
+    return _table(rows)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len("compiled FLOPs / device / step"), *(len(k) for k, _ in rows))
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    accelerator: Accelerator
+    total_bytes: int  # what the layout needs per device
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= MARGIN * self.accelerator.memory_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        """The chip's memory left over (negative: short by this much)."""
+        return self.accelerator.memory_bytes - self.total_bytes
+
+    def __str__(self) -> str:
+        need, have = self.total_bytes, self.accelerator.memory_bytes
+        room = self.headroom_bytes
+        if self.fits:
+            return (f"fits: {_size(need)} of {_size(have)}, headroom {_size(room)} "
+                    f"({100 * room / have:.0f}%)")
+        short = (f"{_size(-room)} over" if room < 0 else
+                 f"headroom {_size(room)} is under the {100 * (1 - MARGIN):.0f}% margin")
+        return f"does not fit: {_size(need)} of {_size(have)}, {short}"
+
+
+def _size(num_bytes: float) -> str:
+    if num_bytes >= 0.1 * GIB:
+        return f"{num_bytes / GIB:.2f} GiB"
+    return f"{num_bytes / 2**20:.2f} MiB"
+
+
+def candidate_layouts(config: ml_collections.ConfigDict) -> Iterator[list[dict[str, Any]]]:
+    """The memory levers, cheapest first: per remat policy (recompute costs FLOPs) and
+    mesh (more FSDP costs communication only, so it comes first), the overrides for each
+    number of microbatches from the configured one up (one list per pair)."""
+    meshes = [{}]
+    if config.mesh.data > 1 or config.mesh.tensor > 1:  # more FSDP: shard the state wider
+        meshes.append({"mesh.data": 1, "mesh.tensor": 1, "mesh.fsdp": -1})
+    policy = config.model.remat_policy
+    policies = REMAT_ORDER[REMAT_ORDER.index(policy):] if policy in REMAT_ORDER else (policy,)
+    for remat in policies:
+        for mesh in meshes:
+            remat_override = {} if remat == policy else {"model.remat_policy": remat}
+            accums = [n for n in (1, 2, 4, 8, 16, 32, 64, 128)
+                      if n >= config.grad_accum_steps and config.global_batch_size % n == 0]
+            yield [{**mesh, **remat_override,
+                    **({} if n == config.grad_accum_steps else {"grad_accum_steps": n})}
+                   for n in accums]
+
+
+def _batch_shards(config: ml_collections.ConfigDict) -> int:
+    """How many ways the batch is split: the rows of a microbatch must divide by it."""
+    mesh = sharding.make_mesh(config.mesh)
+    spec = sharding.batch_sharding(mesh, sharding.logical_axis_rules(config.mesh.rules))
+    return config.global_batch_size // spec.shard_shape((config.global_batch_size, 1))[0]
+
+
+def search_layouts(config: ml_collections.ConfigDict, accelerator: Accelerator,
+                   max_layouts: int = 3, max_compiles: int = 12) -> Iterator[dict[str, Any]]:
+    """The first layouts that fit `accelerator`: {overrides, verdict, mfu_bound}, in the
+    order of `candidate_layouts`, compiling at most `max_compiles` candidates."""
+    found = compiles = 0
+    for ladder in candidate_layouts(config):
+        for overrides in ladder:
+            if not overrides:
+                continue  # the configured layout: already measured
+            if compiles == max_compiles:
+                return
+            candidate = with_overrides(config, overrides)
+            try:
+                if (candidate.global_batch_size // candidate.grad_accum_steps
+                        % _batch_shards(candidate)):
+                    continue  # a microbatch the batch sharding does not divide
+                memory = measure_memory(candidate)
+            except ValueError:  # a layout the config's checks refuse
+                continue
+            compiles += 1
+            verdict = Verdict(accelerator, memory["total_bytes"])
+            if verdict.fits:
+                flops = measure_flops(candidate, memory["run"])
+                yield {"overrides": overrides, "verdict": verdict,
+                       "mfu_bound": flops["mfu_bound"]}
+                found += 1
+                if found == max_layouts:
+                    return
+                break  # more microbatches fit too, and cost more: try the next lever
+
+
+def verdict_lines(config: ml_collections.ConfigDict, report: dict[str, Any],
+                  accelerator: Accelerator | None, source: str) -> Iterator[str]:
+    """The verdict on `report` (of fit_check) for `accelerator`, and the layouts that fit
+    when it does not: lines to print as they come (the search compiles)."""
+    if accelerator is None:
+        yield (f"verdict: none ({source} is not a chip of the table); name one with "
+               f"--accelerator={'|'.join(NAMES)}")
+        return
+    verdict = Verdict(accelerator, report["total_bytes"])
+    yield _table([("accelerator", f"{accelerator.name}, {_size(accelerator.memory_bytes)} "
+                                  f"per chip ({source})"),
+                  ("verdict", str(verdict))])
+    if verdict.fits:
+        return
+    yield ("trying the memory levers (more FSDP, remat policies, gradient accumulation) "
+           "for layouts that fit:")
+    any_found = False
+    for layout in search_layouts(config, accelerator):
+        any_found = True
+        flags = " ".join(f"--config.{k}={v}" for k, v in layout["overrides"].items())
+        yield (f"  {flags}\n      {layout['verdict']}, "
+               f"MFU bound {100 * layout['mfu_bound']:.1f}%")
+    if not any_found:
+        yield ("  none of them fits: add devices (--num_devices), shorten seq_len or use "
+               "a chip with more memory")

@@ -92,6 +92,8 @@ class ConsoleWriter(JsonlWriter):
                 parts.append(f"{key} {value:.2e}")
             elif name == "tokens_per_sec":
                 parts.append(f"{key} {value:,.0f}")
+            elif name == "mfu":
+                parts.append(f"{key} {value:.3g}%")
             else:
                 parts.append(f"{key} {value:.4g}")
         print(" | ".join(parts), flush=True)
@@ -172,7 +174,8 @@ def create_writer(workdir: str, num_train_steps: int) -> metric_writers.MetricWr
 
 
 class Throughput:
-    """Tokens/s and MFU between two reports of the train loop."""
+    """Tokens/s (positions of the batch, padding included: what the step computes on) and
+    MFU (percent of the devices' peak) between two reports of the train loop."""
 
     def __init__(self, flops_per_token: float, peak_flops_per_device: float):
         self.flops_per_token = flops_per_token
@@ -195,7 +198,8 @@ class Throughput:
             "train/steps_per_sec": steps / seconds,
             "train/step_time_ms": 1000 * seconds / max(steps, 1),
             "train/tokens_per_sec": tokens_per_sec,
-            "train/mfu": tokens_per_sec * self.flops_per_token / self.peak_total,
+            # percent, as the README, the benchmark and the fit check give it
+            "train/mfu": 100 * tokens_per_sec * self.flops_per_token / self.peak_total,
         }
 
 

@@ -20,6 +20,7 @@ import ml_collections
 from flax import nnx
 
 from llmjax import hf, workdir
+from llmjax.config import with_overrides
 from llmjax.data.tokenizer import Tokenizer, load_tokenizer
 from llmjax.hf.writer import TOKENIZER_FILES
 from llmjax.models import build_model
@@ -58,13 +59,8 @@ def restore_run(path: str, *, best: bool = False, config_overrides: dict[str, An
     "eval_batches", or "mesh.fsdp" to place it on other devices).
     """
     run_dir, subdir, step = checkpoint_of(path, best)
-    config = ml_collections.ConfigDict(workdir.read_config(run_dir))
-    for key, value in (config_overrides or {}).items():
-        *parents, leaf = key.split(".")
-        section = config
-        for parent in parents:
-            section = section[parent]
-        section[leaf] = value
+    config = with_overrides(ml_collections.ConfigDict(workdir.read_config(run_dir)),
+                            config_overrides or {})
     vocab_size = 0
     if not config.model.get("vocab_size") and not config.init_from:
         # Written before config.json recorded the tokenizer's size: read it back.

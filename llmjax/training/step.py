@@ -45,7 +45,8 @@ def train_step(state: TrainState, batch: Batch, frozen: Any, *, graphdef: nnx.Gr
 
     Only `state.params` is differentiated and updated. Metrics: loss (cross-entropy per
     counted token or row), total_loss (with the z-loss), grad_norm, param_norm,
-    learning_rate, tokens (counted targets, or rows for classification).
+    learning_rate, and `task.count_name`: loss_tokens (targets in the loss) or examples
+    (labelled rows, for classification).
     """
     def loss_with_aux(trainable, microbatch):
         model = nnx.merge(graphdef, merge(trainable, frozen))
@@ -75,7 +76,7 @@ def train_step(state: TrainState, batch: Batch, frozen: Any, *, graphdef: nnx.Gr
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
         "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
-        "tokens": count,
+        task.count_name: count,
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

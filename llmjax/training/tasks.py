@@ -30,6 +30,9 @@ class Task:
     # (model, batch) -> extra per-row eval outputs (e.g. predicted classes [batch])
     eval_outputs: Callable[[nnx.Module, Batch], dict[str, jax.Array]]
     batch_ndims: dict[str, int]  # rank of each batch array: what the batch sharding splits
+    # what the loss counts, as the train step logs it: train/loss_tokens (targets in the
+    # loss, padding and prompts excluded) or train/examples (rows with a label)
+    count_name: str
 
 
 def lm_losses(model: nnx.Module, batch: Batch, z_loss: float
@@ -61,8 +64,9 @@ def predicted_classes(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
 
 _TOKENS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 TASKS = {
-    "lm": Task("lm", lm_losses, lambda model, batch: {}, {k: 2 for k in _TOKENS}),
+    "lm": Task("lm", lm_losses, lambda model, batch: {}, {k: 2 for k in _TOKENS},
+               "loss_tokens"),
     "classify": Task("classify", classify_losses, predicted_classes,
                      {"inputs": 2, "segment_ids": 2, "positions": 2, "labels": 1,
-                      "loss_mask": 1}),
+                      "loss_mask": 1}, "examples"),
 }

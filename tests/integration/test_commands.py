@@ -22,11 +22,11 @@ def command(module, *args, timeout=300):
 
 @pytest.mark.parametrize("module, flags", [
     ("llmjax.train", ["--config", "--workdir", "--compile_only", "--num_devices",
-                      "--coordinator_address"]),
+                      "--accelerator", "--coordinator_address"]),
     ("llmjax.prepare", ["--source", "--output", "--tokenizer", "--near_duplicate_threshold"]),
     ("llmjax.evaluate", ["--workdir", "--best", "--data", "--output", "--config"]),
     ("llmjax.bench", ["--config", "--steps", "--warmup", "--packed", "--reference"]),
-    ("llmjax.hf", ["--allow_pickle", "--dtype", "--max_shard_size"]),
+    ("llmjax.hf", ["--allow_pickle", "--dtype", "--max_shard_size", "--adapter"]),
     ("llmjax.data.bench", ["--config", "--train_steps", "--metrics", "--workers"]),
 ])
 def test_help_lists_every_flag(module, flags):
@@ -39,6 +39,8 @@ def test_help_lists_every_flag(module, flags):
 @pytest.mark.parametrize("module, args, message", [
     ("llmjax.train", ["--config=tests/tiny_config.py", "--config.seq_lenn=3"], "seq_lenn"),
     ("llmjax.train", [], "give a config: --config="),
+    ("llmjax.train", ["--config=tests/tiny_config.py", "--compile_only", "--accelerator=tpu9"],
+     "--accelerator='tpu9': choose one of v4, v5e, v5p"),
     ("llmjax.evaluate", [], "give --workdir="),
     ("llmjax.evaluate", ["--workdir=/no/such/run"], "/no/such/run/checkpoints not found"),
     ("llmjax.hf", ["convert", "a", "b"], "give `import HF_DIR OUT`"),
@@ -65,3 +67,4 @@ def test_evaluate_takes_config_overrides(tmp_path):
     result = command("llmjax.evaluate", f"--workdir={workdir}")
     assert json.loads(result.stdout)["eval/loss"] == pytest.approx(summary["eval/loss"],
                                                                   rel=1e-6)
+    assert "note" not in json.loads(result.stdout)  # the held-out data fill every batch

@@ -55,6 +55,10 @@ def test_two_processes_match_one_and_restore_in_one(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stdout[-3000:]
     assert "[p1]" in launched.stdout and "on 8 devices" in launched.stdout
+    # Gloo's connection messages: one line per process instead of one per context.
+    assert "[Gloo]" not in launched.stdout
+    for process in ("p0", "p1"):
+        assert launched.stdout.count(f"[{process}] connected to the other processes") == 1
     reference, distributed = losses(one), losses(two)
     assert sorted(distributed) == list(range(1, 9))
     np.testing.assert_allclose([distributed[s] for s in range(1, 9)],
@@ -147,7 +151,7 @@ def test_slurm_launcher_dry_run():
 
 def test_fit_check_llama3_8b_on_a_v5p_128_mesh():
     result = train(["--config=configs/llama3_8b.py", "--compile_only", "--num_devices=64",
-                    "--config.grad_accum_steps=4"], devices=1)
+                    "--accelerator=v5p-128"], devices=1)
     assert result.returncode == 0, result.stderr[-3000:]
     report = dict(re.findall(r"^(.+?)\s{2,}(.+)$", result.stdout, re.M))
     assert report["mesh"].startswith("{'data': 1, 'fsdp': 64, 'sequence': 1, 'tensor': 1} (64")
@@ -158,3 +162,8 @@ def test_fit_check_llama3_8b_on_a_v5p_128_mesh():
     assert abs(optimizer - 2 * params) < 0.02  # AdamW's two moments
     assert float(report["activations+temp / device"].split()[0]) > 0
     assert 0.5 < float(report["MFU bound (model / compiled)"].rstrip("%")) / 100 <= 1.0
+    # The config as shipped fits its documented target, a v5p chip, with room to spare.
+    assert report["accelerator"] == "v5p, 95.00 GiB per chip (--accelerator)"
+    total = float(report["total / device"].split()[0])
+    assert report["verdict"].startswith(f"fits: {total:.2f} GiB of 95.00 GiB, headroom ")
+    assert total <= 0.9 * 95

@@ -8,7 +8,6 @@ to >= 95% accuracy; early stopping stops and keeps the best checkpoint; llmjax.e
 
 import json
 import os
-import random
 import time
 
 import jax
@@ -16,11 +15,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import documented_metric_keys, tiny_config
 from flax import nnx, traverse_util
 
 from llmjax import hf
 from llmjax.config import base_config, validate
+from llmjax.data import sentiment
 from llmjax.hf import peft
 from llmjax.models import LlamaConfig, build_model
 from llmjax.parallel import sharding
@@ -162,23 +162,17 @@ def test_sft_prompt_tokens_get_zero_gradient():
                               np.asarray(grads(third)["embed"]))
 
 
-def write_sentiment(path, n=600, seed=0):
-    """A small learnable sentiment set: filler words and one positive or negative word."""
-    rng = random.Random(seed)
-    positive, negative = ["good", "great", "love", "fine"], ["bad", "awful", "hate", "poor"]
-    filler = "the a movie film plot actor was is it this very quite story".split()
+def write_sentiment(path):
+    """bundled:sentiment (filler words and one positive or negative word) as a JSONL file."""
     with open(path, "w") as f:
-        for i in range(n):
-            label = i % 2
-            words = rng.sample(filler, 4) + [rng.choice(positive if label else negative)]
-            rng.shuffle(words)
-            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+        for text, label in zip(*sentiment.examples()):
+            f.write(json.dumps({"text": text, "label": label}) + "\n")
     return path
 
 
-def classify_config(data, **overrides):
+def classify_config(source, **overrides):
     return tiny_config(**{
-        "task": "classify", "data.train": f"jsonl:{data}", "data.eval_fraction": 0.2,
+        "task": "classify", "data.train": source, "data.eval_fraction": 0.2,
         "num_train_steps": 60, "eval_every_steps": 20, "checkpoint_every_steps": 60,
         "global_batch_size": 16, "seq_len": 40, "optimizer.learning_rate": 3e-3,
         # A BPE this small learns a token per word here, which a 2-layer BERT needs in 60 steps.
@@ -192,8 +186,10 @@ BERT = dict(family="bert", vocab_size=0, embed_dim=32, num_layers=2, num_heads=4
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_classification_learns_sentiment(family, tmp_path):
-    data = write_sentiment(tmp_path / "sentiment.jsonl")
-    config = classify_config(data, **{"model.num_labels": 2} if family == "llama" else {})
+    # The same records from a JSONL file (llama) and generated in memory (bert).
+    source = (f"jsonl:{write_sentiment(tmp_path / 'sentiment.jsonl')}" if family == "llama"
+              else "bundled:sentiment")
+    config = classify_config(source, **{"model.num_labels": 2} if family == "llama" else {})
     if family == "bert":
         config.model = ml_collections.ConfigDict(BERT)
     start = time.perf_counter()
@@ -202,6 +198,11 @@ def test_classification_learns_sentiment(family, tmp_path):
           f"F1 {summary['eval/f1']:.3f}, {time.perf_counter() - start:.1f}s")
     assert summary["eval/accuracy"] >= 0.95, summary
     assert summary["eval/f1"] >= 0.95
+    # A classifier counts examples, and every key it logs is in the README's metrics table.
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        keys = {k for record in map(json.loads, f) for k in record} - {"step"}
+    assert "train/examples" in keys and "train/loss_tokens" not in keys
+    assert keys <= documented_metric_keys()
     # llmjax.evaluate on the same held-out examples gives the same numbers.
     out = tmp_path / "eval.json"
     result = evaluate_workdir(str(tmp_path / "run"), output=str(out))
@@ -210,8 +211,7 @@ def test_classification_learns_sentiment(family, tmp_path):
 
 
 def test_lora_classifier_trains_adapters_and_head(tmp_path):
-    data = write_sentiment(tmp_path / "sentiment.jsonl")
-    config = classify_config(data, **{"model.num_labels": 2, "lora.rank": 4,
+    config = classify_config("bundled:sentiment", **{"model.num_labels": 2, "lora.rank": 4,
                                       "lora.targets": "blocks/attn/(q|v)",
                                       "lora.trainable": "score", "num_train_steps": 80,
                                       "optimizer.learning_rate": 1e-2})
@@ -301,6 +301,13 @@ def test_exporting_a_lora_run_merges_its_adapters(tmp_path):
     train_and_evaluate(tiny_config(num_train_steps=6, **{"lora.rank": 4}), workdir)
     convert.export_checkpoint(workdir, str(tmp_path / "hf"))
     assert os.path.isfile(tmp_path / "hf" / "adapter" / "adapter_model.safetensors")
+    # `hf export --adapter`: the same PEFT files alone, in OUT itself.
+    convert.export_checkpoint(workdir, str(tmp_path / "peft"), adapter_only=True)
+    assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json",
+                                                     "adapter_model.safetensors"]
+    for name in os.listdir(tmp_path / "peft"):
+        assert ((tmp_path / "peft" / name).read_bytes()
+                == (tmp_path / "hf" / "adapter" / name).read_bytes())
     model = restore.load_model(workdir)
     tokens = np.arange(1, 17, dtype=np.int32)[None]
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()

@@ -137,6 +137,11 @@ def test_rerun_skips_finished_work_and_redoes_changed_inputs(tmp_path):
     again = prepare.prepare(options(tmp_path, f"text:{tmp_path}/*.txt", num_workers=2),
                             show_progress=False)
     assert again.get("up_to_date") and again["kept"] == first["kept"]
+    # The summary of a rerun says nothing was redone, not the first run's stage timings.
+    [timings] = [x for x in prepare.format_report(again).splitlines() if x.startswith("seconds")]
+    assert timings == (f"seconds: nothing redone now (the run that prepared it took "
+                       f"{first['seconds']['total']:.1f} s)   reused: everything")
+    assert "read_clean" in prepare.format_report(first)
     (tmp_path / "3.txt").write_text(documents[3] + " changed")
     changed = prepare.prepare(options(tmp_path, f"text:{tmp_path}/*.txt", num_workers=2),
                               show_progress=False)
@@ -182,6 +187,9 @@ def test_training_input_from_a_prepared_dataset_and_a_mixture(planted, tmp_path)
         config.data, seed=0, seq_len=32, global_batch_size=8, eval_batches=2,
         workdir=str(tmp_path / "run"))
     assert isinstance(tok, tokenizer.ByteTokenizer)  # the dataset's own, not a new bpe:512
+    assert tokenizer.describe(tok) == (
+        f"byte, 259 ids, built in, the tokenizer of prepared:{report['output']} (in place of "
+        "config.data.tokenizer=bpe:512: a prepared dataset is read with its own tokenizer)")
     assert not (tmp_path / "run" / "tokenizer").exists()
     batches = [next(train_iter) for _ in range(40)]
     sft_targets = sum(int(((b["targets"] == ord("A") + 3) & (b["loss_mask"] == 1)).sum())

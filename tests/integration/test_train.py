@@ -9,7 +9,7 @@ import sys
 import time
 
 import numpy as np
-from conftest import tiny_config
+from conftest import documented_metric_keys, tiny_config
 
 from llmjax.training.loop import train_and_evaluate
 
@@ -40,8 +40,10 @@ def test_loss_falls_on_bundled_corpus(tmp_path):
     assert evals[-1] < first_loss - 2.0, (first_loss, evals)
     assert summary["sample"].startswith("ROMEO:") and len(summary["sample"]) > len("ROMEO:")
     for key in ("train/loss", "train/learning_rate", "train/tokens_per_sec", "train/mfu",
-                "eval/loss", "eval/perplexity"):
+                "train/loss_tokens", "eval/loss", "eval/perplexity"):
         assert any(key in r for r in records), key
+    # Every key logged is in the README's metrics table.
+    assert {k for r in records for k in r} - {"step"} <= documented_metric_keys()
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["num_train_steps"] == 60
     assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))

@@ -72,7 +72,11 @@ def format_report(report: dict[str, Any]) -> str:
         counts = ", ".join(f"{reason} {count:,}" for reason, count in entry["counts"].items())
         lines.append(f"bad input in {label}: {counts}  (e.g. {entry['examples'][0]})")
     seconds = report["seconds"]
-    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
-                 + "   reused: " + ", ".join(f"{k} {v}" for k, v in report["cached"].items()))
+    if report.get("up_to_date"):  # the saved report's timings are those of an earlier run
+        lines.append(f"seconds: nothing redone now (the run that prepared it took "
+                     f"{seconds['total']:.1f} s)   reused: everything")
+    else:
+        lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+                     + "   reused: " + ", ".join(f"{k} {v}" for k, v in report["cached"].items()))
     lines.append(f"dataset: {report['dataset']}   tokenizer: {report['tokenizer']}")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ import pytest
 from conftest import tiny_config
 
 from llmjax import workdir
-from llmjax.config import base_config, check_task, validate
+from llmjax.config import base_config, check_task, validate, with_overrides
 from llmjax.models import model_config
 
 
@@ -70,3 +70,10 @@ def test_a_workdir_config_that_is_missing_or_not_json_is_named(tmp_path):
     assert not workdir.is_hf_dir(str(tmp_path))
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert workdir.is_hf_dir(str(tmp_path))
+
+
+def test_with_overrides_sets_dotted_keys_on_a_copy():
+    config = base_config()
+    changed = with_overrides(config, {"grad_accum_steps": 4, "model.remat_policy": "full"})
+    assert (changed.grad_accum_steps, changed.model.remat_policy) == (4, "full")
+    assert (config.grad_accum_steps, config.model.remat_policy) == (1, "none")  # untouched

@@ -21,6 +21,7 @@ def test_byte_tokenizer_round_trips_and_reserves_special_ids():
     assert min(ids) >= 3 and max(ids) < tok.vocab_size
     assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id]) == TEXT
     assert tok.encode_batch([TEXT, "a"]) == [ids, [ord("a") + 3]]
+    assert tokenizer.describe(tok).startswith("byte, 259 ids, built in")
 
 
 def test_bpe_trains_saves_loadable_dir_and_reuses_it(tmp_path):
@@ -37,13 +38,18 @@ def test_bpe_trains_saves_loadable_dir_and_reuses_it(tmp_path):
     assert max(ids) < tok.vocab_size
     assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == TEXT
     assert tok.encode_batch([TEXT, documents[0]]) == [ids, tok.encode(documents[0])]
+    assert tokenizer.describe(tok) == (f"BPE, 512 ids, from {saved} (bpe:512 trained now on "
+                                       "its training text)")
     # A resumed run loads the saved tokenizer: no documents needed, same ids, same file.
     mtime = (saved / "tokenizer.json").stat().st_mtime_ns
     again = tokenizer.load_tokenizer("bpe:512", None, str(tmp_path))
     assert again.encode(TEXT) == ids
     assert (saved / "tokenizer.json").stat().st_mtime_ns == mtime
+    assert "(bpe:512 saved by this run before on its training text)" in tokenizer.describe(again)
     # The saved directory is itself a valid spec.
-    assert tokenizer.load_tokenizer(str(saved), None, None).encode(TEXT) == ids
+    direct = tokenizer.load_tokenizer(str(saved), None, None)
+    assert direct.encode(TEXT) == ids
+    assert tokenizer.describe(direct) == f"BPE, 512 ids, from {saved}"
 
 
 def test_bpe_in_an_object_store_workdir(tmp_path, monkeypatch):
