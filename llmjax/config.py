@@ -15,6 +15,7 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd", "rsqrt")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 TASKS = ("lm", "classify")
 PACKINGS = ("first_fit", "concat")
+NAN_POLICIES = ("stop", "skip_step")  # llmjax.training.nonfinite
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device (measure it on CPU)
     c.init_from = ""  # HF model dir or llmjax workdir: its architecture and weights (llmjax.hf)
     c.task = "lm"  # lm (next token) | classify (sequence labels: llmjax.data.classify)
+    c.nan_policy = "stop"  # a NaN/inf loss or gradient norm: stop | skip_step (drop, count)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "bundled:shakespeare"  # a source, or a mixture "SRC=0.7,SRC=0.3"
@@ -149,6 +151,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.optimizer.learning_rate and warmup_steps must be >= 0")
     if config.task not in TASKS:
         raise ValueError(f"config.task={config.task!r}: choose one of {TASKS}")
+    if config.nan_policy not in NAN_POLICIES:
+        raise ValueError(f"config.nan_policy={config.nan_policy!r}: choose one of "
+                         f"{NAN_POLICIES}")
     if config.mesh.rules not in RULE_PRESETS:
         raise ValueError(f"config.mesh.rules={config.mesh.rules!r}: choose one of "
                          f"{sorted(RULE_PRESETS)}")

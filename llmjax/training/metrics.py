@@ -1,9 +1,12 @@
 """Metric writers (TensorBoard, metrics.jsonl, console) and throughput / MFU accounting.
 
 `metrics.jsonl` holds one JSON object per write: {"step": int, "group/name": float, ...}.
+It is always strict JSON: a non-finite value is written as the string "NaN", "Infinity"
+or "-Infinity" (which `float()` reads back); see `read_records` for a torn last line.
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -33,7 +36,7 @@ class JsonlWriter(metric_writers.MetricWriter):
             self._file = open(path, "a", encoding="utf-8")
 
     def _append(self, record: dict) -> None:
-        line = json.dumps(record) + "\n"
+        line = json.dumps(record, allow_nan=False) + "\n"
         if self._remote:
             self._lines.append(line)
             self._path.write_text("".join(self._lines))
@@ -42,7 +45,7 @@ class JsonlWriter(metric_writers.MetricWriter):
             self._file.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-        self._append({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
+        self._append({"step": int(step), **{k: _json_number(v) for k, v in scalars.items()}})
 
     def write_texts(self, step: int, texts: Mapping[str, str]):
         self._append({"step": int(step), **texts})
@@ -72,6 +75,13 @@ class JsonlWriter(metric_writers.MetricWriter):
     def close(self):
         if not self._remote:
             self._file.close()
+
+
+def _json_number(value: Any) -> float | str:
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
 class ConsoleWriter(JsonlWriter):
