@@ -191,5 +191,23 @@ def check_task(task: str, model_cfg: Any) -> None:
         raise ValueError("config.task=classify needs config.model.num_labels > 0")
 
 
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`config.KEY: OLD -> NEW` for every key whose value differs between two config
+    dicts (a key that one of them lacks reads as its default)."""
+    return _changes(old, new, base_config().to_dict(), "config.")
+
+
+def _changes(old: dict, new: dict, defaults: Any, prefix: str) -> list[str]:
+    changes = []
+    defaults = defaults if isinstance(defaults, dict) else {}
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += _changes(before, after, defaults.get(key), f"{prefix}{key}.")
+        elif before != after:
+            changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return changes
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)

@@ -35,17 +35,32 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
         config=ocp.args.JsonSave(config)))
 
 
+def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """The config saved with checkpoint `step` ({} if it cannot be read)."""
+    try:
+        return dict(mngr.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore())).config or {})
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
-            state_shardings: Any) -> tuple[Any, dict]:
-    """(train state placed with `state_shardings`, data iterator state) at `step`."""
+            state_shardings: Any, config_changes: list[str] = ()) -> tuple[Any, dict]:
+    """(train state placed with `state_shardings`, data iterator state) at `step`.
+
+    `config_changes` (llmjax.config.changed_keys against the checkpoint's config) are
+    named when the checkpoint does not fit this config's state.
+    """
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, state_shardings)
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     except (ValueError, KeyError) as e:
+        changed = (f"changed since: {'; '.join(config_changes)}" if config_changes
+                   else str(e).splitlines()[0])
         raise ValueError(f"checkpoint {mngr.directory}/{step} does not match this config's "
-                         f"model or optimizer ({str(e).splitlines()[0]}); use a new --workdir "
+                         f"model or optimizer ({changed}); use a new --workdir "
                          "or the config it was written with") from e
     return restored.state, restored.data
 

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from llmjax import workdir as run_dir
-from llmjax.config import to_json
+from llmjax.config import changed_keys, to_json
 from llmjax.inference.engine import Engine
 from llmjax.inference.requests import SamplingParams
 from llmjax.models import flops_per_token
@@ -33,25 +33,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Train per `config` in `workdir` (resuming if it holds a checkpoint).
 
     Returns the last train and eval metrics, and the sample text if one was asked for.
+    Raises ValueError if another run holds the workdir (llmjax.workdir.lock).
     """
-    # --- Set up: data, the run, checkpoints, writers ---------------------------------------
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    # `cleanup` closes the checkpoint managers and writers however the run ends (a stop on
+    # a non-finite step, an error): the logs are flushed and the saves under way complete.
+    with (run_dir.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext(),
+          contextlib.ExitStack() as cleanup):
+        return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    # --- Set up: data, the run, checkpoints, writers ---------------------------------------
     data = setup.build_data(config, workdir)
     run = setup.assemble(config, data.tokenizer.vocab_size)
     setup.check_data(run, data)
     config = run.config  # with init_from's model: what config.json records
-    if jax.process_index() == 0:
-        (epath.Path(workdir) / run_dir.CONFIG).write_text(to_json(config))
     logging.info("model: %s parameters; mesh %s; rules %s", f"{run.num_params:,}",
                  dict(run.mesh.shape), config.mesh.rules)
-    # Closed however the run ends (a stop on a non-finite step, an error): the logs are
-    # flushed and the saves under way complete.
-    cleanup = contextlib.ExitStack()
     mngr = cleanup.enter_context(contextlib.closing(checkpoint.manager(
         workdir, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing)))
     latest = mngr.latest_step()
-    if latest is not None and jax.process_index() == 0:  # steps past the checkpoint rerun
-        metrics.drop_after(workdir, latest)
+    if jax.process_index() == 0:  # steps past the checkpoint (or all: none) are trained again
+        metrics.drop_after(workdir, latest or 0)
     writer = cleanup.enter_context(contextlib.closing(
         metrics.create_writer(workdir, config.num_train_steps)))
     peak, peak_source = peak_flops_per_device(config.peak_flops_per_device)
@@ -71,19 +76,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "trainable_fraction": run.num_trainable / run.num_params, "preempted": False,
         "early_stopped": False}
 
-    with cleanup, distributed.Preemption() as preemption, \
-            sharding.activate(run.mesh, run.rules):
+    with distributed.Preemption() as preemption, sharding.activate(run.mesh, run.rules):
         # --- Resume or initialise ----------------------------------------------------------
         frozen = setup.frozen_weights(run)
         if latest is not None:
+            changes = changed_keys(checkpoint.saved_config(mngr, latest), config.to_dict())
             state, data_state = checkpoint.restore(mngr, latest, run.abstract_state,
-                                                   run.state_shardings)
+                                                   run.state_shardings, changes)
             data.train_iter.set_state(data_state)
             print(f"Resumed from {mngr.directory}/{latest}", flush=True)
+            if changes:
+                print(f"Config changed since that checkpoint: {'; '.join(changes)}",
+                      flush=True)
         else:
             state = setup.initial_state(run, frozen)
             if config.init_from:
                 print(f"Initialised from {config.init_from}", flush=True)
+        if jax.process_index() == 0:  # once the state restored: it is the run's config now
+            (epath.Path(workdir) / run_dir.CONFIG).write_text(to_json(config))
         steps = setup.bind_steps(run, frozen)
         first_step = int(jax.device_get(state.step))
         if jax.process_count() > 1:

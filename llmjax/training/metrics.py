@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from clu import metric_writers
 from etils import epath
 
@@ -115,11 +116,34 @@ class ConsoleWriter(JsonlWriter):
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (none if it does not exist)."""
-    path = epath.Path(path)
+    """The records of a metrics.jsonl (none if it does not exist).
+
+    A cut-off last line (what a crash or a full disk mid-write leaves) is dropped with a
+    warning naming the file; a bad line before it is a ValueError naming file and line.
+    """
+    return [record for _, record in _records(epath.Path(path))]
+
+
+def _records(path: epath.Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for each record of a JSONL file we append to."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines(True) if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a {\"step\": ...} object")
+        except ValueError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not a metrics record ({e}); delete "
+                                 "that line (or the file) to resume") from None
+            logging.warning("%s: dropped its last line, cut off mid-write: %r", path,
+                            line[:80])
+            break
+        records.append((line if line.endswith("\n") else line + "\n", record))
+    return records
 
 
 def drop_after(workdir: str, step: int) -> None:
@@ -130,12 +154,12 @@ def drop_after(workdir: str, step: int) -> None:
 
 
 def drop_records_after(path: str, step: int) -> None:
-    """Remove metrics.jsonl records past `step`, so a resumed run does not log steps twice."""
+    """Remove metrics.jsonl records past `step` (and a torn last line), so a resumed run
+    does not log steps twice. Rewritten beside itself and renamed: a crash loses nothing."""
     path = epath.Path(path)
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines(True)
-            if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line, record in _records(path) if record["step"] <= step]
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_text("".join(kept))
     tmp.replace(path)
