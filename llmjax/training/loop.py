@@ -54,7 +54,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  dict(run.mesh.shape), config.mesh.rules)
     mngr = cleanup.enter_context(contextlib.closing(checkpoint.manager(
         workdir, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing)))
-    latest = mngr.latest_step()
+    # The newest checkpoint that restores (unreadable ones are moved aside), or None.
+    restored = checkpoint.restore_newest(mngr, run.abstract_state, run.state_shardings,
+                                         config.to_dict())
+    latest = None if restored is None else restored[0]
     if jax.process_index() == 0:  # steps past the checkpoint (or all: none) are trained again
         metrics.drop_after(workdir, latest or 0)
     writer = cleanup.enter_context(contextlib.closing(
@@ -79,13 +82,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with distributed.Preemption() as preemption, sharding.activate(run.mesh, run.rules):
         # --- Resume or initialise ----------------------------------------------------------
         frozen = setup.frozen_weights(run)
-        if latest is not None:
-            changes = changed_keys(checkpoint.saved_config(mngr, latest), config.to_dict())
-            state, data_state = checkpoint.restore(mngr, latest, run.abstract_state,
-                                                   run.state_shardings, changes)
+        if restored is not None:
+            latest, state, data_state = restored
             data.train_iter.set_state(data_state)
             print(f"Resumed from {mngr.directory}/{latest}", flush=True)
-            if changes:
+            old = checkpoint.saved_config(mngr, latest)
+            if old is not None and (changes := changed_keys(old, config.to_dict())):
                 print(f"Config changed since that checkpoint: {'; '.join(changes)}",
                       flush=True)
         else:
