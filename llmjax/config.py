@@ -191,6 +191,15 @@ def check_task(task: str, model_cfg: Any) -> None:
         raise ValueError("config.task=classify needs config.model.num_labels > 0")
 
 
+def check_positions(seq_len: int, model_cfg: Any) -> None:
+    """ValueError if rows of `seq_len` tokens do not fit a model with learned positions
+    (the model checks it too, but only once data is read and the step traced)."""
+    max_positions = getattr(model_cfg, "max_positions", 0)
+    if max_positions and seq_len > max_positions:
+        raise ValueError(f"config.seq_len={seq_len} is longer than the model's "
+                         f"config.model.max_positions={max_positions}: lower config.seq_len")
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`config.KEY: OLD -> NEW` for every key whose value differs between two config
     dicts (a key that one of them lacks reads as its default)."""

@@ -52,6 +52,18 @@ def read_config(workdir: str) -> dict[str, Any]:
                          "config or start in a new --workdir") from None
 
 
+@contextlib.contextmanager
+def naming(path: Any) -> Iterator[None]:
+    """Give an OSError raised in the body `path` as its filename if it has none (a write
+    that fills the disk says only "No space left on device")."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 def split_checkpoint(path: str) -> tuple[str, str, int | None]:
     """(workdir, checkpoint subdirectory, step) of a model path: WORKDIR/checkpoints/N or
     WORKDIR/best/N name one step; anything else is a workdir (step None: the newest)."""

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from llmjax import workdir as run_dir
 from llmjax.data import classify
 from llmjax.parallel import sharding
 from llmjax.training import restore, setup
@@ -81,5 +82,6 @@ def evaluate_workdir(workdir: str, *, data: str = "", best: bool = False, output
             int(sum(np.sum(b["loss_mask"]) for b in run_data.eval_batches)) if classifier
             else len(run_data.eval_batches))})
     if output and jax.process_index() == 0:
-        epath.Path(output).write_text(json.dumps(results, indent=2) + "\n")
+        with run_dir.naming(output):
+            epath.Path(output).write_text(json.dumps(results, indent=2) + "\n")
     return results

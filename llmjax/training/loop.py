@@ -18,7 +18,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from llmjax import workdir as run_dir
-from llmjax.config import changed_keys, to_json
+from llmjax.config import changed_keys, to_json, validate
 from llmjax.inference.engine import Engine
 from llmjax.inference.requests import SamplingParams
 from llmjax.models import flops_per_token
@@ -35,6 +35,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns the last train and eval metrics, and the sample text if one was asked for.
     Raises ValueError if another run holds the workdir (llmjax.workdir.lock).
     """
+    validate(config)  # before anything is read or written
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     # `cleanup` closes the checkpoint managers and writers however the run ends (a stop on
     # a non-finite step, an error): the logs are flushed and the saves under way complete.
@@ -95,7 +96,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if config.init_from:
                 print(f"Initialised from {config.init_from}", flush=True)
         if jax.process_index() == 0:  # once the state restored: it is the run's config now
-            (epath.Path(workdir) / run_dir.CONFIG).write_text(to_json(config))
+            with run_dir.naming(epath.Path(workdir) / run_dir.CONFIG):
+                (epath.Path(workdir) / run_dir.CONFIG).write_text(to_json(config))
         steps = setup.bind_steps(run, frozen)
         first_step = int(jax.device_get(state.step))
         if jax.process_count() > 1:

@@ -38,12 +38,13 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def _append(self, record: dict) -> None:
         line = json.dumps(record, allow_nan=False) + "\n"
-        if self._remote:
-            self._lines.append(line)
-            self._path.write_text("".join(self._lines))
-        else:
-            self._file.write(line)
-            self._file.flush()
+        with run_dir.naming(self._path):
+            if self._remote:
+                self._lines.append(line)
+                self._path.write_text("".join(self._lines))
+            else:
+                self._file.write(line)
+                self._file.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         self._append({"step": int(step), **{k: _json_number(v) for k, v in scalars.items()}})
@@ -181,11 +182,17 @@ def drop_events_after(logdir: str, step: int) -> None:
         path = os.path.join(logdir, name)
         if not name.startswith("events.out.tfevents") or tf.io.gfile.isdir(path):
             continue
-        records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+        records, torn = [], False
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                records.append(record.numpy())
+        except tf.errors.DataLossError:  # a record cut off by a kill: drop it, keep the rest
+            logging.warning("%s: dropped its last record, cut off mid-write", path)
+            torn = True
         kept = [r for r in records
                 if not ((event := event_pb2.Event.FromString(r)).HasField("summary")
                         and event.step > step)]
-        if len(kept) == len(records):
+        if len(kept) == len(records) and not torn:
             continue
         tmp = os.path.join(logdir, "rewriting.tmp")  # no "tfevents" in it: TensorBoard skips it
         with tf.io.TFRecordWriter(tmp) as out:

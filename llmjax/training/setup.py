@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llmjax.config import check_task, validate
+from llmjax.config import check_positions, check_task, validate
 from llmjax.models import ModelConfig, model_config
 from llmjax.parallel import sharding
 from llmjax.training import init_from, lora, optimizer, step
@@ -169,6 +169,7 @@ def assemble(config: ml_collections.ConfigDict, vocab_size: int = 0,
     if model_overrides:
         model_cfg = dataclasses.replace(model_cfg, **model_overrides)
     check_task(config.task, model_cfg)
+    check_positions(config.seq_len, model_cfg)
     task = TASKS[config.task]
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.logical_axis_rules(config.mesh.rules)
