@@ -7,6 +7,7 @@ family's dataclass (llmjax.models.model_config), the task against the model (`ch
 """
 
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -123,6 +124,16 @@ def _unknown_keys(config: Any, reference: Any, prefix: str) -> list[str]:
     return unknown
 
 
+def _leaves(config: Any, prefix: str) -> list[tuple[str, Any]]:
+    out = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict | dict):
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, value))
+    return out
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the first bad key or value.
 
@@ -135,6 +146,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     unknown = _unknown_keys(config, base_config(), "config.")
     if unknown:
         raise ValueError(f"{unknown[0]} is not a known key (typo? see llmjax/config.py)")
+    for key, value in _leaves(config, "config."):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}={value} must be a finite number")
     for key in ("num_train_steps", "global_batch_size", "seq_len", "grad_accum_steps",
                 "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "max_to_keep"):
         if int(config[key]) <= 0:
