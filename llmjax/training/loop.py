@@ -122,11 +122,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 writer.write_scalars(step, {"train/first_step_seconds":
                                             time.perf_counter() - compile_start})
                 throughput.reset(step)
+            is_log = step % config.log_every_steps == 0 or is_last
             is_eval = step % config.eval_every_steps == 0 or is_last
             preempted = preemption.should_stop(step)
-            if is_eval or preempted or step % config.checkpoint_every_steps == 0:
-                guard.check()  # never evaluate or save past a non-finite step
-            if step % config.log_every_steps == 0 or is_last:
+            if is_log or is_eval or preempted or step % config.checkpoint_every_steps == 0:
+                guard.check()  # never log, evaluate or save past a non-finite step unseen
+            if is_log:
                 scalars = metrics.to_floats(train_metrics, "train")
                 del scalars["train/skipped"]
                 if guard.skipped:
