@@ -9,8 +9,9 @@ decides the rest:
                causes, exit status 1; the newest checkpoint is the last finite state
     skip_step  go on; the dropped steps are counted in `train/skipped_steps`
 
-A step's flag is read one step later (or at once before the loop evaluates, saves or
-ends), so checking it never makes the host wait for the device between two steps.
+A step's flag is read one step later (or at once before the loop logs, evaluates, saves
+or ends, which wait for the device anyway), so checking it never makes the host wait for
+the device between two steps.
 """
 
 import math
