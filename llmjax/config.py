@@ -7,6 +7,7 @@ family's dataclass (llmjax.models.model_config), the task against the model (`ch
 """
 
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -15,6 +16,7 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd", "rsqrt")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 TASKS = ("lm", "classify")
 PACKINGS = ("first_fit", "concat")
+NAN_POLICIES = ("stop", "skip_step")  # llmjax.training.nonfinite
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device (measure it on CPU)
     c.init_from = ""  # HF model dir or llmjax workdir: its architecture and weights (llmjax.hf)
     c.task = "lm"  # lm (next token) | classify (sequence labels: llmjax.data.classify)
+    c.nan_policy = "stop"  # a NaN/inf loss or gradient norm: stop | skip_step (drop, count)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "bundled:shakespeare"  # a source, or a mixture "SRC=0.7,SRC=0.3"
@@ -121,6 +124,16 @@ def _unknown_keys(config: Any, reference: Any, prefix: str) -> list[str]:
     return unknown
 
 
+def _leaves(config: Any, prefix: str) -> list[tuple[str, Any]]:
+    out = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict | dict):
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, value))
+    return out
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the first bad key or value.
 
@@ -133,6 +146,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     unknown = _unknown_keys(config, base_config(), "config.")
     if unknown:
         raise ValueError(f"{unknown[0]} is not a known key (typo? see llmjax/config.py)")
+    for key, value in _leaves(config, "config."):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}={value} must be a finite number")
     for key in ("num_train_steps", "global_batch_size", "seq_len", "grad_accum_steps",
                 "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "max_to_keep"):
         if int(config[key]) <= 0:
@@ -149,6 +165,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.optimizer.learning_rate and warmup_steps must be >= 0")
     if config.task not in TASKS:
         raise ValueError(f"config.task={config.task!r}: choose one of {TASKS}")
+    if config.nan_policy not in NAN_POLICIES:
+        raise ValueError(f"config.nan_policy={config.nan_policy!r}: choose one of "
+                         f"{NAN_POLICIES}")
     if config.mesh.rules not in RULE_PRESETS:
         raise ValueError(f"config.mesh.rules={config.mesh.rules!r}: choose one of "
                          f"{sorted(RULE_PRESETS)}")
@@ -197,6 +216,33 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
             section = section[parent]
         section[leaf] = value
     return changed
+
+
+def check_positions(seq_len: int, model_cfg: Any) -> None:
+    """ValueError if rows of `seq_len` tokens do not fit a model with learned positions
+    (the model checks it too, but only once data is read and the step traced)."""
+    max_positions = getattr(model_cfg, "max_positions", 0)
+    if max_positions and seq_len > max_positions:
+        raise ValueError(f"config.seq_len={seq_len} is longer than the model's "
+                         f"config.model.max_positions={max_positions}: lower config.seq_len")
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`config.KEY: OLD -> NEW` for every key whose value differs between two config
+    dicts (a key that one of them lacks reads as its default)."""
+    return _changes(old, new, base_config().to_dict(), "config.")
+
+
+def _changes(old: dict, new: dict, defaults: Any, prefix: str) -> list[str]:
+    changes = []
+    defaults = defaults if isinstance(defaults, dict) else {}
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += _changes(before, after, defaults.get(key), f"{prefix}{key}.")
+        elif before != after:
+            changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return changes
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -83,15 +83,35 @@ def split_documents(documents: Sequence[Any], eval_fraction: float,
     """Holds out round(eval_fraction * len) documents (at least one if eval_fraction > 0).
 
     Which documents are held out depends only on `seed`; both lists keep the input order.
+    When whole documents cannot meet it (one text file: holding out its only document
+    would leave nothing to train on), the tail `eval_fraction` of each text document's
+    characters is held out instead, cut at a line break where one is near.
     Returns (train_documents, eval_documents).
     """
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction={eval_fraction} must be in [0, 1)")
     num_eval = max(round(eval_fraction * len(documents)), 1) if eval_fraction > 0 else 0
     if num_eval >= len(documents):
-        raise ValueError(f"cannot hold out {num_eval} of {len(documents)} documents for eval "
-                         "and still train; give more documents or a separate data.eval")
+        return _split_text(documents, eval_fraction)
     held_out = set(np.random.default_rng(seed).permutation(len(documents))[:num_eval].tolist())
     train = [d for i, d in enumerate(documents) if i not in held_out]
     evaluation = [d for i, d in enumerate(documents) if i in held_out]
+    return train, evaluation
+
+
+def _split_text(documents: Sequence[Any], eval_fraction: float) -> tuple[list[str], list[str]]:
+    """(heads, tails): each text document cut before its last `eval_fraction` of text."""
+    if not all(isinstance(d, str) for d in documents) or not any(len(d) > 1 for d in documents):
+        raise ValueError(f"cannot hold out {eval_fraction:g} of {len(documents)} documents "
+                         "for eval and still train; give more documents or a separate "
+                         "data.eval")
+    train, evaluation = [], []
+    for text in documents:
+        cut = min(max(round(len(text) * (1 - eval_fraction)), 1), len(text) - 1)
+        line_break = text.rfind("\n", 0, cut)
+        if 0 < line_break and cut - line_break <= 1000:  # near: keep lines whole
+            cut = line_break + 1
+        if 0 < cut < len(text):
+            train.append(text[:cut])
+            evaluation.append(text[cut:])
     return train, evaluation

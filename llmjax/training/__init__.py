@@ -12,9 +12,10 @@
     init_from.py    runs that start from another model; the model of a stored run
     restore.py      models from a run's checkpoints or an HF directory
     convert.py      run directories <-> Hugging Face directories (import, export)
-    checkpoint.py   Orbax checkpoints
+    checkpoint.py   Orbax checkpoints; resuming from the newest one that restores
     metrics.py      writers (TensorBoard, metrics.jsonl, console), tokens/s, MFU
     early_stopping.py  early stopping on an eval metric, the best step
+    nonfinite.py    what a NaN/inf step does: stop the run, or skip it and count it
     memory.py       the fit check (--compile_only): per-device memory and FLOPs, the
                     verdict for a chip, the memory levers' layouts that fit
     accelerators.py the chips: memory and peak FLOP/s per chip (fit check, MFU)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from llmjax import workdir as run_dir
 from llmjax.data import classify
 from llmjax.parallel import sharding
 from llmjax.training import restore, setup
@@ -93,5 +94,6 @@ def evaluate_workdir(workdir: str, *, data: str = "", best: bool = False, output
     if note:
         results["note"] = note
     if output and jax.process_index() == 0:
-        epath.Path(output).write_text(json.dumps(results, indent=2) + "\n")
+        with run_dir.naming(output):
+            epath.Path(output).write_text(json.dumps(results, indent=2) + "\n")
     return results

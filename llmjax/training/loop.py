@@ -5,6 +5,7 @@ initialise -> loop (step, log, evaluate, keep the best, stop early, checkpoint) 
 Rerunning in the same workdir resumes from the newest complete checkpoint.
 """
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -17,12 +18,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from llmjax import workdir as run_dir
-from llmjax.config import to_json
+from llmjax.config import changed_keys, to_json, validate
 from llmjax.inference.engine import Engine
 from llmjax.inference.requests import SamplingParams
 from llmjax.models import flops_per_token
 from llmjax.parallel import distributed, sharding
-from llmjax.training import checkpoint, metrics, setup
+from llmjax.training import checkpoint, metrics, nonfinite, setup
 from llmjax.training.early_stopping import EarlyStopping
 from llmjax.training.evaluation import evaluate_run, short_eval_note
 from llmjax.training.flops import peak_flops_per_device
@@ -32,30 +33,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Train per `config` in `workdir` (resuming if it holds a checkpoint).
 
     Returns the last train and eval metrics, and the sample text if one was asked for.
+    Raises ValueError if another run holds the workdir (llmjax.workdir.lock).
     """
-    # --- Set up: data, the run, checkpoints, writers ---------------------------------------
+    validate(config)  # before anything is read or written
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    # `cleanup` closes the checkpoint managers and writers however the run ends (a stop on
+    # a non-finite step, an error): the logs are flushed and the saves under way complete.
+    with (run_dir.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext(),
+          contextlib.ExitStack() as cleanup):
+        return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    # --- Set up: data, the run, checkpoints, writers ---------------------------------------
     data = setup.build_data(config, workdir)
     run = setup.assemble(config, data.tokenizer.vocab_size)
+    setup.check_data(run, data)
     config = run.config  # with init_from's model: what config.json records
-    if jax.process_index() == 0:
-        (epath.Path(workdir) / run_dir.CONFIG).write_text(to_json(config))
     logging.info("model: %s parameters; mesh %s; rules %s", f"{run.num_params:,}",
                  dict(run.mesh.shape), config.mesh.rules)
-    mngr = checkpoint.manager(workdir, max_to_keep=config.max_to_keep,
-                              async_save=config.async_checkpointing)
-    latest = mngr.latest_step()
-    if latest is not None and jax.process_index() == 0:  # steps past the checkpoint rerun
-        metrics.drop_after(workdir, latest)
-    writer = metrics.create_writer(workdir, config.num_train_steps)
+    mngr = cleanup.enter_context(contextlib.closing(checkpoint.manager(
+        workdir, max_to_keep=config.max_to_keep, async_save=config.async_checkpointing)))
+    # The newest checkpoint that restores (unreadable ones are moved aside), or None.
+    restored = checkpoint.restore_newest(mngr, run.abstract_state, run.state_shardings,
+                                         config.to_dict())
+    latest = None if restored is None else restored[0]
+    if jax.process_index() == 0:  # steps past the checkpoint (or all: none) are trained again
+        metrics.drop_after(workdir, latest or 0)
+    writer = cleanup.enter_context(contextlib.closing(
+        metrics.create_writer(workdir, config.num_train_steps)))
     peak, peak_source = peak_flops_per_device(config.peak_flops_per_device)
     throughput = metrics.Throughput(flops_per_token(run.model_cfg, config.seq_len), peak)
     stopping = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,
                              int(config.early_stopping.patience))
+    guard = nonfinite.Guard(config.nan_policy, config.optimizer.learning_rate)
     if latest is not None:
-        stopping.replay(metrics.read_records(os.path.join(workdir, run_dir.METRICS)))
-    best_mngr = (checkpoint.manager(workdir, max_to_keep=1, async_save=False,
-                                    subdir=run_dir.BEST) if stopping.metric else None)
+        records = metrics.read_records(os.path.join(workdir, run_dir.METRICS))
+        stopping.replay(records)
+        guard.replay(records)
+    best_mngr = (cleanup.enter_context(contextlib.closing(checkpoint.manager(
+        workdir, max_to_keep=1, async_save=False, subdir=run_dir.BEST)))
+        if stopping.metric else None)
     summary: dict[str, Any] = {
         "num_params": run.num_params, "num_trainable": run.num_trainable,
         "trainable_fraction": run.num_trainable / run.num_params, "preempted": False,
@@ -64,15 +83,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with distributed.Preemption() as preemption, sharding.activate(run.mesh, run.rules):
         # --- Resume or initialise ----------------------------------------------------------
         frozen = setup.frozen_weights(run)
-        if latest is not None:
-            state, data_state = checkpoint.restore(mngr, latest, run.abstract_state,
-                                                   run.state_shardings)
+        if restored is not None:
+            latest, state, data_state = restored
             data.train_iter.set_state(data_state)
             print(f"Resumed from {mngr.directory}/{latest}", flush=True)
+            old = checkpoint.saved_config(mngr, latest)
+            if old is not None and (changes := changed_keys(old, config.to_dict())):
+                print(f"Config changed since that checkpoint: {'; '.join(changes)}",
+                      flush=True)
         else:
             state = setup.initial_state(run, frozen)
             if config.init_from:
                 print(f"Initialised from {config.init_from}", flush=True)
+        if jax.process_index() == 0:  # once the state restored: it is the run's config now
+            with run_dir.naming(epath.Path(workdir) / run_dir.CONFIG):
+                (epath.Path(workdir) / run_dir.CONFIG).write_text(to_json(config))
         steps = setup.bind_steps(run, frozen)
         first_step = int(jax.device_get(state.step))
         if jax.process_count() > 1:
@@ -96,18 +121,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = sharding.global_batch(next(data.train_iter), run.batch_sharding,
                                           config.global_batch_size)
             state, train_metrics = steps.train(state, batch)
+            guard.observe(step, train_metrics)  # checks the step before (no wait)
             if step == first_step + 1:  # keep compilation out of tokens/s
                 jax.block_until_ready(train_metrics)
                 writer.write_scalars(step, {"train/first_step_seconds":
                                             time.perf_counter() - compile_start})
                 throughput.reset(step)
-            if step % config.log_every_steps == 0 or is_last:
+            is_log = step % config.log_every_steps == 0 or is_last
+            is_eval = step % config.eval_every_steps == 0 or is_last
+            preempted = preemption.should_stop(step)
+            if is_log or is_eval or preempted or step % config.checkpoint_every_steps == 0:
+                guard.check()  # never log, evaluate or save past a non-finite step unseen
+            if is_log:
                 scalars = metrics.to_floats(train_metrics, "train")
+                del scalars["train/skipped"]
+                if guard.skipped:
+                    scalars["train/skipped_steps"] = guard.skipped
                 scalars.update(throughput.report(step, config.global_batch_size
                                                  * config.seq_len))
                 writer.write_scalars(step, scalars)
                 summary.update(scalars)
-            if step % config.eval_every_steps == 0 or is_last:
+            if is_eval:
                 eval_metrics = evaluate_run(run, steps, state.params, data.eval_batches)
                 if stopping.update(step, eval_metrics):  # the best so far: keep it
                     save(best_mngr, step)
@@ -115,7 +149,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.write_scalars(step, eval_metrics)
                 summary.update(eval_metrics)
                 throughput.reset(step)  # keep evaluation out of tokens/s
-            preempted = preemption.should_stop(step)
             if (step % config.checkpoint_every_steps == 0 or is_last or preempted
                     or stopping.should_stop):
                 save(mngr, step)
@@ -129,6 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 print(f"Preempted: saved step {step}; rerun the command to resume", flush=True)
                 summary["preempted"] = True
                 break
+        guard.check()
         mngr.wait_until_finished()
         if stopping.metric:
             summary.update({"best_step": stopping.best_step, "best_metric": stopping.best})
@@ -138,11 +172,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 and run.task.name == "lm"):
             summary["sample"] = _sample(run, steps.params(state.params), data.tokenizer)
             writer.write_texts(config.num_train_steps, {"sample": summary["sample"]})
-    writer.flush()
-    writer.close()
-    mngr.close()
-    if best_mngr is not None:
-        best_mngr.close()
     return summary
 
 

@@ -1,9 +1,12 @@
 """Metric writers (TensorBoard, metrics.jsonl, console) and throughput / MFU accounting.
 
 `metrics.jsonl` holds one JSON object per write: {"step": int, "group/name": float, ...}.
+It is always strict JSON: a non-finite value is written as the string "NaN", "Infinity"
+or "-Infinity" (which `float()` reads back); see `read_records` for a torn last line.
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -12,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from clu import metric_writers
 from etils import epath
 
@@ -33,16 +37,17 @@ class JsonlWriter(metric_writers.MetricWriter):
             self._file = open(path, "a", encoding="utf-8")
 
     def _append(self, record: dict) -> None:
-        line = json.dumps(record) + "\n"
-        if self._remote:
-            self._lines.append(line)
-            self._path.write_text("".join(self._lines))
-        else:
-            self._file.write(line)
-            self._file.flush()
+        line = json.dumps(record, allow_nan=False) + "\n"
+        with run_dir.naming(self._path):
+            if self._remote:
+                self._lines.append(line)
+                self._path.write_text("".join(self._lines))
+            else:
+                self._file.write(line)
+                self._file.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-        self._append({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
+        self._append({"step": int(step), **{k: _json_number(v) for k, v in scalars.items()}})
 
     def write_texts(self, step: int, texts: Mapping[str, str]):
         self._append({"step": int(step), **texts})
@@ -72,6 +77,13 @@ class JsonlWriter(metric_writers.MetricWriter):
     def close(self):
         if not self._remote:
             self._file.close()
+
+
+def _json_number(value: Any) -> float | str:
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
 class ConsoleWriter(JsonlWriter):
@@ -107,11 +119,34 @@ class ConsoleWriter(JsonlWriter):
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (none if it does not exist)."""
-    path = epath.Path(path)
+    """The records of a metrics.jsonl (none if it does not exist).
+
+    A cut-off last line (what a crash or a full disk mid-write leaves) is dropped with a
+    warning naming the file; a bad line before it is a ValueError naming file and line.
+    """
+    return [record for _, record in _records(epath.Path(path))]
+
+
+def _records(path: epath.Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for each record of a JSONL file we append to."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines(True) if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a {\"step\": ...} object")
+        except ValueError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not a metrics record ({e}); delete "
+                                 "that line (or the file) to resume") from None
+            logging.warning("%s: dropped its last line, cut off mid-write: %r", path,
+                            line[:80])
+            break
+        records.append((line if line.endswith("\n") else line + "\n", record))
+    return records
 
 
 def drop_after(workdir: str, step: int) -> None:
@@ -122,12 +157,12 @@ def drop_after(workdir: str, step: int) -> None:
 
 
 def drop_records_after(path: str, step: int) -> None:
-    """Remove metrics.jsonl records past `step`, so a resumed run does not log steps twice."""
+    """Remove metrics.jsonl records past `step` (and a torn last line), so a resumed run
+    does not log steps twice. Rewritten beside itself and renamed: a crash loses nothing."""
     path = epath.Path(path)
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines(True)
-            if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line, record in _records(path) if record["step"] <= step]
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_text("".join(kept))
     tmp.replace(path)
@@ -149,11 +184,17 @@ def drop_events_after(logdir: str, step: int) -> None:
         path = os.path.join(logdir, name)
         if not name.startswith("events.out.tfevents") or tf.io.gfile.isdir(path):
             continue
-        records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+        records, torn = [], False
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                records.append(record.numpy())
+        except tf.errors.DataLossError:  # a record cut off by a kill: drop it, keep the rest
+            logging.warning("%s: dropped its last record, cut off mid-write", path)
+            torn = True
         kept = [r for r in records
                 if not ((event := event_pb2.Event.FromString(r)).HasField("summary")
                         and event.step > step)]
-        if len(kept) == len(records):
+        if len(kept) == len(records) and not torn:
             continue
         tmp = os.path.join(logdir, "rewriting.tmp")  # no "tfevents" in it: TensorBoard skips it
         with tf.io.TFRecordWriter(tmp) as out:

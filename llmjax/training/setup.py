@@ -2,6 +2,7 @@
 
     data = setup.build_data(config, workdir)                  # tokenizer, batches
     run = setup.assemble(config, data.tokenizer.vocab_size)   # nothing allocated yet
+    setup.check_data(run, data)   # token ids and labels the model can take
     frozen = setup.frozen_weights(run)     # LoRA: the base weights (never trained); else None
     state = setup.initial_state(run, frozen)   # fresh, init_from's weights, or new adapters
     steps = setup.bind_steps(run, frozen)      # steps.train(state, batch), steps.evaluate(...)
@@ -25,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llmjax.config import check_task, validate
+from llmjax.config import check_positions, check_task, validate
 from llmjax.models import ModelConfig, model_config
 from llmjax.parallel import sharding
 from llmjax.training import init_from, lora, optimizer, step
@@ -61,6 +62,30 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
         return Data(*classify.build(config.data, **shape, **process))
     return Data(*loader.build(config.data, **shape, eval_batches=config.eval_batches,
                               **process))
+
+
+def check_data(run: "Run", data: Data) -> None:
+    """ValueError, before the first step, if the data holds ids the model has no row for:
+    tokens past `model.vocab_size` or labels outside [0, num_labels). (On an accelerator
+    an out-of-range gather returns garbage, not an error: the loss turns NaN.)"""
+    config = run.config
+    if data.tokenizer.vocab_size > run.model_cfg.vocab_size:
+        raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r} has "
+                         f"{data.tokenizer.vocab_size} ids but config.model.vocab_size="
+                         f"{run.model_cfg.vocab_size}: set config.model.vocab_size=0 (the "
+                         "tokenizer's) or at least the tokenizer's size")
+    if run.task.name != "classify":
+        return
+    num_labels = run.model_cfg.num_labels
+    eval_labels = [b["labels"][b["loss_mask"] > 0] for b in data.eval_batches]
+    for key, labels in (("config.data.train", data.train_iter.rows["labels"]),
+                        ("config.data.eval" if config.data.eval else "config.data.train",
+                         np.concatenate(eval_labels or [np.zeros(0, np.int32)]))):
+        bad = labels[(labels < 0) | (labels >= num_labels)]
+        if bad.size:
+            raise ValueError(f"{key} has label {int(bad[0])}, outside [0, "
+                             f"config.model.num_labels={num_labels}): renumber the labels "
+                             "0..N-1 or raise config.model.num_labels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +169,7 @@ def assemble(config: ml_collections.ConfigDict, vocab_size: int = 0,
     if model_overrides:
         model_cfg = dataclasses.replace(model_cfg, **model_overrides)
     check_task(config.task, model_cfg)
+    check_positions(config.seq_len, model_cfg)
     task = TASKS[config.task]
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.logical_axis_rules(config.mesh.rules)

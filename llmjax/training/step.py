@@ -45,8 +45,10 @@ def train_step(state: TrainState, batch: Batch, frozen: Any, *, graphdef: nnx.Gr
 
     Only `state.params` is differentiated and updated. Metrics: loss (cross-entropy per
     counted token or row), total_loss (with the z-loss), grad_norm, param_norm,
-    learning_rate, and `task.count_name`: loss_tokens (targets in the loss) or examples
-    (labelled rows, for classification).
+    learning_rate, `task.count_name`: loss_tokens (targets in the loss) or examples
+    (labelled rows, for classification), and skipped (1 when the loss or gradient
+    norm was NaN or inf: the update was dropped, parameters and optimizer state stay
+    as they were, the step still counts).
     """
     def loss_with_aux(trainable, microbatch):
         model = nnx.merge(graphdef, merge(trainable, frozen))
@@ -68,15 +70,23 @@ def train_step(state: TrainState, batch: Batch, frozen: Any, *, graphdef: nnx.Gr
 
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grad_sums)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A non-finite step never reaches the state, so no checkpoint can hold one; the loop
+    # then stops or counts it (llmjax.training.nonfinite). The predicate is known before
+    # the update, so XLA fuses the select into it: no extra copy of the state.
+    finite = jnp.isfinite(ce_sum) & jnp.isfinite(total_sum) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
     metrics = {
         "loss": ce_sum / denom,
         "total_loss": total_sum / denom,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "param_norm": optax.tree.norm(params),
         "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
         task.count_name: count,
+        "skipped": 1.0 - finite.astype(jnp.float32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -14,6 +14,7 @@ from conftest import tiny_config, write_text_tfds
 from llmjax.data import loader, pipeline, sources, tokenizer
 from llmjax.data.documents import split_documents, tokenize_documents
 from llmjax.data.packing import BATCH_KEYS, PACKINGS
+from llmjax.data.sources import Example
 from llmjax.data.stream_state import combine_states
 
 SHAKESPEARE_DIR = Path(sources.__file__).parent / "shakespeare"
@@ -326,8 +327,16 @@ def test_split_documents_is_deterministic_disjoint_and_complete():
     assert split_documents(documents, 0.1, seed=1)[1] != held_out
     assert len(split_documents(documents[:3], 0.01, seed=0)[1]) == 1
     assert split_documents(documents, 0.0, seed=0) == (documents, [])
-    with pytest.raises(ValueError):
-        split_documents(documents[:1], 0.5, seed=0)
+    with pytest.raises(ValueError, match="cannot hold out"):  # no text to cut
+        split_documents([Example("a prompt", "a response")], 0.5, seed=0)
+
+
+def test_one_text_document_holds_out_its_tail_cut_at_a_line_break():
+    lines = [f"line {i} of the only file\n" for i in range(100)]
+    [head], [tail] = split_documents(["".join(lines)], 0.05, seed=0)
+    assert (head, tail) == ("".join(lines[:95]), "".join(lines[95:]))
+    [head], [tail] = split_documents(["no line breaks here"], 0.25, seed=0)
+    assert (head, tail) == ("no line breaks", " here")
 
 
 def test_tfds_catalog_source_reads_locally_and_never_downloads(tmp_path):

@@ -1,38 +1,39 @@
-"""MFU's denominator on a CPU is a fixed figure (the same at every start, whatever the load)
-and MFU is logged and printed in percent; an evaluation short of config.eval_batches says so."""
+"""metrics.jsonl after a crash or a full disk mid-write: a cut-off last line is dropped with
+a warning naming the file, and the run resumes; a bad line before it is one clear error."""
 
-import jax
+import json
+
 import pytest
-from conftest import tiny_config
+from absl import logging
 
-from llmjax.training import evaluation, flops, metrics
-
-
-def test_the_cpu_peak_is_fixed_per_core_and_shared_by_the_local_devices():
-    peak, source = flops.peak_flops_per_device()
-    assert peak == flops.CPU_PEAK_FLOPS_PER_CORE * flops.cpu_cores() / jax.local_device_count()
-    assert flops.peak_flops_per_device() == (peak, source)  # nothing measured: the same again
-    assert "nominal CPU peak" in source and "config.peak_flops_per_device" in source
-    assert flops.peak_flops_per_device(5e9) == (5e9, "config.peak_flops_per_device")
+from llmjax.training import metrics
 
 
-def test_mfu_is_in_percent_in_metrics_and_on_the_console(capsys):
-    throughput = metrics.Throughput(flops_per_token=1e6, peak_flops_per_device=1e9)
-    throughput.reset(0)
-    report = throughput.report(4, tokens_per_step=256)
-    peak_total = 1e9 * jax.device_count()
-    assert report["train/mfu"] == pytest.approx(
-        100 * report["train/tokens_per_sec"] * 1e6 / peak_total)
-    assert report["train/tokens_per_sec"] == pytest.approx(
-        4 * 256 / (report["train/step_time_ms"] * 4 / 1000))
-    metrics.ConsoleWriter(10).write_scalars(4, {"train/mfu": 12.345})
-    assert capsys.readouterr().out.strip() == "step 4/10 | train/mfu 12.3%"
+def write(path, *lines):
+    path.write_text("".join(lines))
 
 
-def test_an_evaluation_short_of_its_batches_says_so():
-    config = tiny_config(eval_batches=8)
-    assert evaluation.short_eval_note(config, [{}] * 8) == ""
-    assert evaluation.short_eval_note(config, [{}] * 6) == (
-        "the eval data fill 6 of config.eval_batches=8 batches of 8 x 32")
-    config.task = "classify"  # a classifier evaluates every example, in as many batches
-    assert evaluation.short_eval_note(config, [{}] * 6) == ""
+def test_a_torn_last_line_is_dropped_with_a_warning_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    write(path, '{"step": 1, "train/loss": 5.0}\n', '{"step": 2, "train/loss": 4.0}\n',
+          '{"step": 3, "train/lo')
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda *args: warnings.append(args[0] % args[1:]))
+    assert [r["step"] for r in metrics.read_records(str(path))] == [1, 2]
+    metrics.drop_records_after(str(path), 2)  # what a resumed run does
+    assert path.read_text() == '{"step": 1, "train/loss": 5.0}\n{"step": 2, "train/loss": 4.0}\n'
+    assert len(warnings) == 2 and all(str(path) in w and "cut off" in w for w in warnings)
+    # A record without its newline is whole: kept, and what is appended starts a new line.
+    write(path, '{"step": 1, "train/loss": 5.0}')
+    metrics.drop_records_after(str(path), 1)
+    writer = metrics.JsonlWriter(str(path))
+    writer.write_scalars(2, {"train/loss": 4.0})
+    writer.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_a_bad_line_before_the_last_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write(path, '{"step": 1}\n', 'garbage\n', '{"step": 3}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2 is not a metrics record"):
+        metrics.read_records(str(path))
