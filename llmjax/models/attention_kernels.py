@@ -186,19 +186,20 @@ def pallas_attention(kernel: str, q: jax.Array, k: jax.Array, v: jax.Array,
     return sharded(q, k, v, segment_ids)
 
 
-def attention_bytes_per_layer(kernel: str, *, batch: int, length: int, heads: int,
-                              head_dim: int, dtype_bytes: int) -> int:
-    """What one layer's attention holds for the backward pass on one device, beyond its
-    q, k, v inputs, for `batch` rows and `heads` heads per device.
+def attention_bytes_per_layer(kernel: str, *, batch: int, q_length: int, kv_length: int,
+                              heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """What one layer's attention keeps for the backward pass on one device besides its
+    q, k, v inputs, for the `batch` rows, `q_length` queries and `heads` heads a device
+    computes against `kv_length` keys.
 
-    xla: the float32 scores and the probabilities, [batch, heads, length, length] each,
-    besides the output. The flash kernels (splash, flash, cudnn): the output and a float32
-    log-sum-exp per row ([batch, heads, length]).
+    The flash kernels (splash, flash, cudnn): the output and a float32 log-sum-exp per
+    query ([batch, heads, q_length]). xla: also the float32 scores and the probabilities,
+    [batch, heads, q_length, kv_length] each.
     """
-    flash_like = batch * heads * length * (head_dim * dtype_bytes + 4)
-    if kernel in PALLAS_KERNELS or kernel == "cudnn":
-        return flash_like
-    return batch * heads * length * length * (4 + dtype_bytes) + flash_like
+    kept = batch * heads * q_length * (head_dim * dtype_bytes + 4)
+    if kernel == "xla":
+        kept += batch * heads * q_length * kv_length * (4 + dtype_bytes)
+    return kept
 
 
 def kernel_platform(device_kind: str) -> str:

@@ -58,7 +58,7 @@ def test_blocks_follow_length_and_head_dim_unless_the_config_sets_them():
 def test_attention_memory_per_layer_shrinks_with_a_kernel():
     # One row of 8192 tokens, 8 heads of 128, bf16: XLA keeps fp32 scores and bf16
     # probabilities (8 * 8192^2 * 6 bytes = 3 GiB); a flash kernel its output and lse.
-    shape = dict(batch=1, length=8192, heads=8, head_dim=128, dtype_bytes=2)
+    shape = dict(batch=1, q_length=8192, kv_length=8192, heads=8, head_dim=128, dtype_bytes=2)
     kernel_bytes = 8 * 8192 * (128 * 2 + 4)
     assert attention_bytes_per_layer("splash", **shape) == kernel_bytes
     assert attention_bytes_per_layer("xla", **shape) == 8 * 8192 ** 2 * 6 + kernel_bytes
