@@ -82,23 +82,24 @@ def test_kernel_matches_xla_forward_and_gradients(kernel, case):
     assert max(diffs) < TOL, diffs
 
 
-def tiny_llama(kernel, **fields):
+def tiny_llama(kernel):
+    # init_std 0.3: attention far from uniform, gradients far from zero.
     return model_config(dict(vocab_size=64, embed_dim=64, num_layers=2, num_heads=2,
-                             num_kv_heads=1, mlp_dim=128, attention_impl=kernel,
-                             attention_block_q=128, attention_block_kv=128, **fields))
+                             num_kv_heads=1, mlp_dim=128, init_std=0.3,
+                             attention_impl=kernel, attention_block_q=128,
+                             attention_block_kv=128))
 
 
 def lm_batch(rows=2, length=128):
     tokens = jax.random.randint(jax.random.key(1), (rows, length + 1), 0, 64)
     ids = np.ones((rows, length), np.int32)
-    ids[0, 70:] = 2  # two documents in the first row, the second crossing nothing
+    ids[0, 70:] = 2  # row 0 packs two documents (70 and 58 tokens), row 1 holds one
     positions = np.where(ids == 2, np.arange(length) - 70, np.arange(length))
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
             "segment_ids": jnp.asarray(ids), "positions": jnp.asarray(positions),
             "loss_mask": jnp.ones((rows, length), jnp.float32)}
 
 
-@functools.cache
 def one_train_step(kernel):
     """(loss, gradients) of one SGD step at learning rate 1: the update is -gradient."""
     graphdef, params = nnx.split(build_model(tiny_llama(kernel), seed=0))
@@ -113,16 +114,20 @@ def one_train_step(kernel):
     return metrics["loss"], grads
 
 
-@pytest.mark.parametrize("kernel", ["splash", "flash"])
-def test_a_train_step_with_the_kernel_matches_xla(kernel):
+def test_a_train_step_with_splash_matches_xla():
+    # Splash only: the flash kernel's forward and gradients are checked above, and each
+    # train step is a compile of the whole model.
+    kernel = "splash"
     loss, grads = one_train_step(kernel)
     ref_loss, ref_grads = one_train_step("xla")
     grad_diff = max(jax.tree.leaves(jax.tree.map(
         lambda a, b: float(jnp.max(jnp.abs(a - b))), grads, ref_grads)))
-    print(f"{kernel} train step: |loss diff| {abs(float(loss - ref_loss)):.2e}, "
-          f"max |grad diff| {grad_diff:.2e}")
+    largest = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref_grads))
+    print(f"{kernel} train step: loss {float(ref_loss):.4f}, |loss diff| "
+          f"{abs(float(loss - ref_loss)):.2e}, max |grad diff| {grad_diff:.2e} "
+          f"(largest |grad| {largest:.2e})")
     assert abs(float(loss - ref_loss)) < TOL and grad_diff < TOL
-    assert float(jnp.max(jnp.abs(jax.tree.leaves(grads)[0]))) > 0
+    assert largest > 1e-2  # gradients that could show a difference
 
 
 def splash_with_grads(q, k, v, ids, cotangent):
