@@ -171,10 +171,12 @@ def pallas_attention(kernel: str, q: jax.Array, k: jax.Array, v: jax.Array,
         return run(q, k, v, segment_ids)
     batch = _mesh_axes("act_batch", q.shape[0], mesh)
     heads = _mesh_axes("act_heads", q.shape[2], mesh)
-    if heads is not None and k.shape[2] % math.prod(mesh.shape[a] for a in heads):
-        # Fewer K/V heads than head shards: each shard gets its queries' own K/V heads.
-        groups = q.shape[2] // k.shape[2]
-        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    shards = 1 if heads is None else math.prod(mesh.shape[a] for a in heads)
+    if k.shape[2] % shards:
+        # K/V heads that the head shards do not divide: repeat each just enough that every
+        # shard holds its own queries' K/V heads (lcm(kv_heads, shards) of them in all).
+        repeats = math.lcm(k.shape[2], shards) // k.shape[2]
+        k, v = jnp.repeat(k, repeats, axis=2), jnp.repeat(v, repeats, axis=2)
     qkv_spec = P(batch, None, heads, None)
     ids_spec = P(batch, None)
     if segment_ids is None:
