@@ -66,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.scan_layers = True
     c.model.remat_policy = "none"
-    c.model.attention_impl = "auto"
+    c.model.attention_impl = "auto"  # auto | xla | splash | flash | cudnn (see README)
+    c.model.attention_block_q = 0  # splash / flash tiles; 0: chosen by length and head_dim
+    c.model.attention_block_kv = 0
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"

@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
         validate(config)
         accelerator, source = _accelerator(FLAGS.accelerator)
         report = memory.fit_check(config)
-        print(memory.format_report(config, report), flush=True)
+        print(memory.format_report(config, report, accelerator), flush=True)
         for line in memory.verdict_lines(config, report, accelerator, source):
             print(line, flush=True)
         return

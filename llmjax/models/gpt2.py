@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmjax.models.attention_kernels import KERNELS
 from llmjax.models.kv_cache import Cache, init_cache, is_unstacked, run_blocks_cached
 from llmjax.models.layers import (
     DTYPES,
@@ -47,7 +48,9 @@ class GPT2Config:
     dtype: str = "float32"  # compute dtype
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # auto | xla | cudnn
+    attention_impl: str = "auto"  # auto | xla | splash | flash | cudnn (attention_kernels)
+    attention_block_q: int = 0  # Pallas kernels' query tile; 0: chosen by length, head_dim
+    attention_block_kv: int = 0  # and their key/value tile
 
     mlp_matrices: ClassVar[int] = 2  # up, down (for llmjax.models.flops_per_token)
 
@@ -64,7 +67,7 @@ class GPT2Config:
         for name in ("param_dtype", "dtype"):
             check_choice(name, getattr(self, name), DTYPES)
         check_choice("activation", self.activation, GELU_APPROXIMATE)
-        check_choice("attention_impl", self.attention_impl, ("auto", "xla", "cudnn"))
+        check_choice("attention_impl", self.attention_impl, KERNELS)
         check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
 
     @property
@@ -84,8 +87,8 @@ class Block(nnx.Module):
         self.attn_norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         self.attn = MultiHeadAttention(
             cfg.embed_dim, cfg.num_heads, causal=True, init_std=cfg.init_std, param_dtype=pdt,
-            dtype=dt, implementation=None if cfg.attention_impl == "auto" else cfg.attention_impl,
-            rngs=rngs)
+            dtype=dt, implementation=cfg.attention_impl,
+            block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv, rngs=rngs)
         self.mlp_norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         self.mlp = GeluMLP(cfg.embed_dim, cfg.mlp_dim, activation=cfg.activation,
                            init_std=cfg.init_std, param_dtype=pdt, dtype=dt, rngs=rngs)

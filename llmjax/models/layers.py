@@ -16,6 +16,7 @@ import numpy as np
 import qwix
 from flax import linen, nnx
 
+from llmjax.models import attention_kernels
 from llmjax.models.kv_cache import Cache, cached_attention
 
 Initializer = Callable[..., jax.Array]
@@ -157,8 +158,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-              implementation: str | None, *, causal: bool = True,
-              sliding_window: int = 0) -> jax.Array:
+              implementation: str = "auto", *, causal: bool = True, sliding_window: int = 0,
+              block_q: int = 0, block_kv: int = 0) -> jax.Array:
     """Grouped-query attention, causal unless `causal=False` (encoders).
 
     q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim]
@@ -166,16 +167,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     `segment_ids` [batch, length] is given (an encoder's padding: segment 0).
     `sliding_window` > 0: a query sees itself and the `sliding_window - 1` tokens before
     it (Mistral). Returns [batch, length, heads, head_dim].
-    `implementation`: None (let JAX choose), "xla" or "cudnn".
+    `implementation`: a `model.attention_impl` (llmjax.models.attention_kernels: auto
+    resolves per backend); `block_q`, `block_kv`: the Pallas kernels' tiles (0: chosen).
     """
+    kernel = attention_kernels.select_kernel(
+        implementation, jax.default_backend(), packed=segment_ids is not None,
+        sliding_window=sliding_window, dtype=q.dtype)
+    if kernel in attention_kernels.PALLAS_KERNELS:
+        return attention_kernels.pallas_attention(
+            kernel, q, k, v, segment_ids, causal=causal, sliding_window=sliding_window,
+            block_q=block_q, block_kv=block_kv)
     k, v = gather_length(k), gather_length(v)
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
     window = (sliding_window - 1, 0) if sliding_window > 0 else None
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                        local_window_size=window,
-                                        implementation=implementation)
+                                        local_window_size=window, implementation=kernel)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -186,8 +194,8 @@ class MultiHeadAttention(nnx.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, causal: bool, init_std: float,
-                 param_dtype: jnp.dtype, dtype: jnp.dtype, implementation: str | None,
-                 rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype, dtype: jnp.dtype, implementation: str,
+                 block_q: int = 0, block_kv: int = 0, rngs: nnx.Rngs):
         init, zeros = nnx.initializers.normal(init_std), nnx.initializers.zeros
         d, h, hd = embed_dim, num_heads, embed_dim // num_heads
         for name in ("q", "k", "v"):
@@ -198,11 +206,14 @@ class MultiHeadAttention(nnx.Module):
         self.o = param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"), param_dtype)
         self.o_bias = param(rngs, zeros, (d,), ("embed",), param_dtype)
         self.causal, self.dtype, self.impl = causal, dtype, implementation
+        self.blocks = (block_q, block_kv)
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """x [batch, length, embed] -> [batch, length, embed]."""
         q, k, v = self._project(x)
-        return self._output(attention(q, k, v, segment_ids, self.impl, causal=self.causal))
+        block_q, block_kv = self.blocks
+        return self._output(attention(q, k, v, segment_ids, self.impl, causal=self.causal,
+                                      block_q=block_q, block_kv=block_kv))
 
     def decode(self, x: jax.Array, positions: jax.Array, layer_cache: Cache
                ) -> tuple[jax.Array, Cache]:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmjax.models.attention_kernels import KERNELS
 from llmjax.models.kv_cache import (
     Cache,
     cached_attention,
@@ -72,7 +73,9 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # auto | xla | cudnn
+    attention_impl: str = "auto"  # auto | xla | splash | flash | cudnn (attention_kernels)
+    attention_block_q: int = 0  # Pallas kernels' query tile; 0: chosen by length, head_dim
+    attention_block_kv: int = 0  # and their key/value tile
 
     mlp_matrices: ClassVar[int] = 3  # gate, up, down (for llmjax.models.flops_per_token)
 
@@ -90,7 +93,7 @@ class LlamaConfig:
             raise ValueError(f"config.model head_dim={self.head_dim} must be even for RoPE")
         for name in ("param_dtype", "dtype"):
             check_choice(name, getattr(self, name), DTYPES)
-        check_choice("attention_impl", self.attention_impl, ("auto", "xla", "cudnn"))
+        check_choice("attention_impl", self.attention_impl, KERNELS)
         check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         check_choice("rope_scaling", self.rope_scaling, ("none", "llama3"))
         if self.sliding_window < 0:
@@ -125,7 +128,8 @@ class Attention(nnx.Module):
         self.qkv_bias = cfg.qkv_bias
         self.sliding_window = cfg.sliding_window
         self.dtype = DTYPES[cfg.dtype]
-        self.impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+        self.impl = cfg.attention_impl
+        self.blocks = (cfg.attention_block_q, cfg.attention_block_kv)
 
     def __call__(self, x, cos, sin, segment_ids):
         """x [batch, length, embed] or [batch * length, embed] -> the same shape.
@@ -134,7 +138,9 @@ class Attention(nnx.Module):
         sees [batch, length, heads, head_dim] (batch and length from `cos`).
         """
         q, k, v = self._project(x, cos, sin)
-        out = attention(q, k, v, segment_ids, self.impl, sliding_window=self.sliding_window)
+        block_q, block_kv = self.blocks
+        out = attention(q, k, v, segment_ids, self.impl, sliding_window=self.sliding_window,
+                        block_q=block_q, block_kv=block_kv)
         return self._output(out, x.shape)
 
     def decode(self, x, cos, sin, positions, layer_cache):

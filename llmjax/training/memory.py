@@ -30,6 +30,13 @@ import ml_collections
 
 from llmjax.config import with_overrides
 from llmjax.models import flops_per_token
+from llmjax.models.attention_kernels import (
+    PALLAS_KERNELS,
+    attention_bytes_per_layer,
+    kernel_platform,
+    select_kernel,
+)
+from llmjax.models.layers import DTYPES
 from llmjax.parallel import sharding
 from llmjax.training import setup
 from llmjax.training.accelerators import GIB, NAMES, Accelerator
@@ -109,7 +116,40 @@ def fit_check(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {**report, **measure_flops(config, report["run"])}
 
 
-def format_report(config: ml_collections.ConfigDict, r: dict[str, Any]) -> str:
+def attention_memory(config: ml_collections.ConfigDict, run: setup.Run,
+                     platform: str) -> dict[str, Any]:
+    """The attention kernel `config.model.attention_impl` picks on `platform` for packed
+    batches, and the bytes one layer's attention keeps per device with it and with XLA
+    (llmjax.models.attention_kernels.attention_bytes_per_layer)."""
+    cfg = run.model_cfg
+    kernel = select_kernel(cfg.attention_impl, platform, packed=True,
+                           sliding_window=getattr(cfg, "sliding_window", 0),
+                           dtype=DTYPES[cfg.dtype])
+    rows = config.global_batch_size // config.grad_accum_steps
+    shape = (rows, config.seq_len, cfg.num_heads, cfg.head_dim)
+    local = sharding.mesh_sharding(run.mesh, run.rules,
+                                   ("act_batch", "act_length", "act_heads", None),
+                                   shape).shard_shape(shape)
+    # The Pallas kernels run on whole rows when the length is split (attention_kernels).
+    q_length = config.seq_len if kernel in PALLAS_KERNELS else local[1]
+
+    def kept(name):
+        return attention_bytes_per_layer(
+            name, batch=local[0], q_length=q_length if name == kernel else local[1],
+            kv_length=config.seq_len, heads=local[2], head_dim=cfg.head_dim,
+            dtype_bytes=jnp.dtype(DTYPES[cfg.dtype]).itemsize)
+
+    return {"kernel": kernel, "platform": platform, "bytes": kept(kernel),
+            "xla_bytes": kept("xla")}
+
+
+def format_report(config: ml_collections.ConfigDict, r: dict[str, Any],
+                  accelerator: Accelerator | None = None) -> str:
+    """The fit check's table. The attention rows are for `accelerator`'s kernel (else the
+    backend's): activation bytes compiled on CPU devices are XLA attention's."""
+    platform = (kernel_platform(accelerator.kind_parts[0]) if accelerator
+                else jax.default_backend())
+    attn = attention_memory(config, r["run"], platform)
     rows = [
         ("mesh", f"{r['mesh']} ({r['devices']} devices), rules {config.mesh.rules}"),
         ("model", f"{r['parameters'] / 1e9:.3f}B parameters, {config.model.dtype} compute, "
@@ -119,6 +159,10 @@ def format_report(config: ml_collections.ConfigDict, r: dict[str, Any]) -> str:
         ("parameters / device", f"{r['param_bytes'] / GIB:.2f} GiB"),
         ("optimizer state / device", f"{r['optimizer_bytes'] / GIB:.2f} GiB"),
         ("activations+temp / device", f"{r['temp_bytes'] / GIB:.2f} GiB"),
+        ("attention kernel", f"{attn['kernel']} on {platform} "
+                             f"(model.attention_impl={config.model.attention_impl})"),
+        ("attention / layer / device", f"{_size(attn['bytes'])} kept for the backward "
+                                       f"(xla: {_size(attn['xla_bytes'])})"),
         ("total / device", f"{r['total_bytes'] / GIB:.2f} GiB"),
         ("model FLOPs / device / step", f"{r['model_flops'] / 1e12:.1f} TFLOP"),
         ("compiled FLOPs / device / step", f"{r['compiled_flops'] / 1e12:.1f} TFLOP"),

@@ -5,7 +5,7 @@ own compiled total fits. Four compiles of a tiny model on 8 simulated devices.""
 import pytest
 from conftest import tiny_config
 
-from llmjax.training import accelerators, memory
+from llmjax.training import accelerators, memory, setup
 from llmjax.training.accelerators import GIB, Accelerator
 
 
@@ -58,3 +58,17 @@ def test_the_levers_come_cheapest_first():
         {**fsdp, "model.remat_policy": "full"}]
     # Microbatches that divide the batch of 8, fewest first.
     assert [x.get("grad_accum_steps", 1) for x in ladders[0]] == [1, 2, 4, 8]
+
+
+def test_attention_memory_per_layer_is_that_of_the_chips_kernel():
+    # 8 rows over data=2, 4 heads over tensor=4: 4 rows and 1 head of 8 wide per device.
+    config = tiny_config(**{"model.vocab_size": 64, "seq_len": 8192, "mesh.data": 2,
+                            "mesh.fsdp": 1, "mesh.tensor": 4})
+    run = setup.assemble(config)  # nothing compiles
+    kernel_bytes = 4 * 1 * 8192 * (8 * 4 + 4)  # the fp32 output and log-sum-exp per query
+    xla_bytes = kernel_bytes + 4 * 1 * 8192 * 8192 * 8  # + fp32 scores and probabilities
+    tpu = memory.attention_memory(config, run, "tpu")
+    assert tpu == {"kernel": "splash", "platform": "tpu", "bytes": kernel_bytes,
+                   "xla_bytes": xla_bytes}
+    assert memory.attention_memory(config, run, "gpu")["kernel"] == "flash"  # packed
+    assert memory.attention_memory(config, run, "cpu")["bytes"] == xla_bytes
