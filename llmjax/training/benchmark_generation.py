@@ -10,7 +10,8 @@ spawned process, and every timed call is interleaved round-robin with the others
 decode tokens/s with 1, 8 and 32 sequences at once (prompt baselines.PROMPT, then
 baselines.NEW_TOKENS greedy tokens, prefill included), time to first token for a 64- and
 a 512-token prompt on an idle engine, and warm-up (compile) time; llmjax with int8
-weights as a row of its own.
+weights as a row of its own; llama.cpp from the same weights as GGUF, when
+llama-cpp-python is installed (llmjax.training.benchmark_llamacpp).
 """
 
 import math
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from llmjax.training import benchmark_llamacpp
 from llmjax.training.benchmark_reference import InstallInWorker, load_baselines, peak_rss_bytes
 
 BATCHES = (1, 8, 32)
@@ -139,8 +141,12 @@ def compare_generation(baselines_path: str, reps: int) -> tuple[str, dict[str, A
         "w_generate_llmjax": w_generate_llmjax})
     workers: dict[str, Any] = {}
     hf_dir = tempfile.mkdtemp(prefix="llmjax-bench-generate-")
+    llamacpp_missing = benchmark_llamacpp.available()
+    kinds = [("torch", "torch"), ("jax", "jax"), ("llmjax", "jax")]
+    if llamacpp_missing is None:
+        kinds.append(("llamacpp", "torch"))  # "torch": the worker that imports no JAX
     try:
-        for key, kind in (("torch", "torch"), ("jax", "jax"), ("llmjax", "jax")):
+        for key, kind in kinds:
             workers[key] = baselines.Worker(key)
             workers[key].setup("w_init", kind=kind)
         start = time.perf_counter()
@@ -160,16 +166,19 @@ def compare_generation(baselines_path: str, reps: int) -> tuple[str, dict[str, A
         outputs = {**{f"hf_b{b}": o for b, o in workers["torch"].call("outputs").items()},
                    **{f"jax_b{b}": o for b, o in workers["jax"].call("outputs").items()},
                    **ours["outputs"]}
-        timers = []
-        for b in BATCHES:
-            timers += [(f"hf_b{b}", workers["torch"].timer(f"hf_b{b}")),
-                       (f"jax_b{b}", workers["jax"].timer(f"jax_b{b}")),
-                       (f"llmjax_b{b}", workers["llmjax"].timer(f"llmjax_b{b}")),
-                       (f"llmjax_int8_b{b}", workers["llmjax"].timer(f"llmjax_int8_b{b}"))]
-        for n in FIRST_TOKEN_LENGTHS:
-            timers += [(f"{name}_ttft{n}", workers[w].timer(f"{name}_ttft{n}"))
-                       for name, w in (("hf", "torch"), ("jax", "jax"), ("llmjax", "llmjax"),
-                                       ("llmjax_int8", "llmjax"))]
+        rows = [("hf", "torch"), ("jax", "jax"), ("llmjax", "llmjax"), ("llmjax_int8", "llmjax")]
+        if "llamacpp" in workers:
+            llamacpp = workers["llamacpp"].setup(
+                "w_generate_llamacpp", install=install, hf_dir=hf_dir, prompts=prompts,
+                first=first, new_tokens=new_tokens)
+            print(f"[bench] llama.cpp ready (GGUF written in "
+                  f"{llamacpp['convert_seconds']:.1f}s)", flush=True)
+            outputs.update(llamacpp["outputs"])
+            rows.append(("llamacpp", "llamacpp"))
+        timers = [(f"{name}_b{b}", workers[w].timer(f"{name}_b{b}"))
+                  for b in BATCHES for name, w in rows]
+        timers += [(f"{name}_ttft{n}", workers[w].timer(f"{name}_ttft{n}"))
+                   for n in FIRST_TOKEN_LENGTHS for name, w in rows]
         results = baselines.interleave(timers, reps)
         ours["timed_compilations"] = workers["llmjax"].call("llmjax_compilations")
         rss = {key: peak_rss_bytes(w.proc.pid) for key, w in workers.items()}
@@ -177,7 +186,8 @@ def compare_generation(baselines_path: str, reps: int) -> tuple[str, dict[str, A
         for worker in workers.values():
             worker.close()
     numbers = {"results": results, "outputs": outputs, "llmjax": ours, "rss": rss,
-               "new_tokens": new_tokens, "prompt": baselines.PROMPT}
+               "new_tokens": new_tokens, "prompt": baselines.PROMPT,
+               "left_out": llamacpp_missing}
     return format_table(numbers), numbers
 
 
@@ -196,7 +206,9 @@ def _agreement(outputs: dict[str, np.ndarray], name: str, reference: str) -> flo
 def format_table(numbers: dict[str, Any]) -> str:
     results, new_tokens = numbers["results"], numbers["new_tokens"]
     labels = {"hf": "HF transformers generate (torch eager)", "jax": "plain JAX KV-cache loop",
-              "llmjax": "llmjax engine", "llmjax_int8": "llmjax engine, int8 weights"}
+              "llmjax": "llmjax engine", "llmjax_int8": "llmjax engine, int8 weights",
+              "llamacpp": "llama.cpp (llama-cpp-python, fp32 GGUF)"}
+    labels = {name: label for name, label in labels.items() if f"{name}_b1" in results}
     header = ["implementation", *(f"tok/s @{b}" for b in BATCHES),
               *(f"TTFT ms @{n}" for n in FIRST_TOKEN_LENGTHS), "warm-up s @8", "greedy = HF"]
     warmups = numbers["llmjax"]["warmup_seconds"]
@@ -215,10 +227,12 @@ def format_table(numbers: dict[str, Any]) -> str:
         [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
     rule = "-" * len(fmt(header))
     ratios = []
+    others = {"hf": "HF", "jax": "plain JAX", "llamacpp": "llama.cpp"}
     for b in BATCHES:
-        med = {n: statistics.median(results[f"{n}_b{b}"]["all"]) for n in ("hf", "jax", "llmjax")}
-        ratios.append(f"@{b}: {med['hf'] / med['llmjax']:.2f}x HF, "
-                      f"{med['jax'] / med['llmjax']:.2f}x plain JAX")
+        ours = statistics.median(results[f"llmjax_b{b}"]["all"])
+        ratios.append(f"@{b}: " + ", ".join(
+            f"{statistics.median(results[f'{name}_b{b}']['all']) / ours:.2f}x {label}"
+            for name, label in others.items() if name in labels))
     bytes_ = numbers["llmjax"]["weight_bytes"]
     return "\n".join([
         f"generation: prompt {numbers['prompt']} + {new_tokens} greedy tokens per sequence "
@@ -227,4 +241,5 @@ def format_table(numbers: dict[str, Any]) -> str:
         "llmjax decode speed " + "; ".join(ratios),
         f"weights: {bytes_['llmjax'] / 2**20:.1f} MiB fp32, {bytes_['llmjax_int8'] / 2**20:.1f} "
         f"MiB int8 ({100 * bytes_['llmjax_int8'] / bytes_['llmjax']:.0f}%); compilations "
-        f"during the timed runs: {numbers['llmjax']['timed_compilations']}"])
+        f"during the timed runs: {numbers['llmjax']['timed_compilations']}",
+        *([numbers["left_out"]] if numbers.get("left_out") else [])])
