@@ -16,7 +16,7 @@ import numpy as np
 import qwix
 from flax import linen, nnx
 
-from llmjax.models import attention_kernels
+from llmjax.models.attention_kernels import PALLAS_KERNELS, pallas_attention, select_kernel
 from llmjax.models.kv_cache import Cache, cached_attention
 
 Initializer = Callable[..., jax.Array]
@@ -170,11 +170,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     `implementation`: a `model.attention_impl` (llmjax.models.attention_kernels: auto
     resolves per backend); `block_q`, `block_kv`: the Pallas kernels' tiles (0: chosen).
     """
-    kernel = attention_kernels.select_kernel(
+    kernel = select_kernel(
         implementation, jax.default_backend(), packed=segment_ids is not None,
         sliding_window=sliding_window, dtype=q.dtype)
-    if kernel in attention_kernels.PALLAS_KERNELS:
-        return attention_kernels.pallas_attention(
+    if kernel in PALLAS_KERNELS:
+        return pallas_attention(
             kernel, q, k, v, segment_ids, causal=causal, sliding_window=sliding_window,
             block_q=block_q, block_kv=block_kv)
     k, v = gather_length(k), gather_length(v)
