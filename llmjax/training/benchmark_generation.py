@@ -138,7 +138,8 @@ def compare_generation(baselines_path: str, reps: int) -> tuple[str, dict[str, A
     first = {n: rng.integers(3, cfg.vocab, (1, n), dtype=np.int32) for n in FIRST_TOKEN_LENGTHS}
     install = InstallInWorker(baselines.__name__, {
         "w_hf_first_token": w_hf_first_token, "w_jax_first_token": w_jax_first_token,
-        "w_generate_llmjax": w_generate_llmjax})
+        "w_generate_llmjax": w_generate_llmjax,
+        "w_generate_llamacpp": benchmark_llamacpp.w_generate_llamacpp})
     workers: dict[str, Any] = {}
     hf_dir = tempfile.mkdtemp(prefix="llmjax-bench-generate-")
     llamacpp_missing = benchmark_llamacpp.available()
