@@ -3,7 +3,7 @@ the reference Llama written as a GGUF file with the `gguf` package, decoded gree
 through llama-cpp-python's C API with every sequence of a batch in one `llama_decode`.
 
 llama-cpp-python is not a dependency: `pip install llama-cpp-python gguf` builds
-llama.cpp from source (CMake and a C++ compiler; on 2 cores it takes minutes). Without
+llama.cpp from source (CMake and a C++ compiler; on 2 cores, tens of minutes). Without
 it the row is left out and the table says so.
 
 The GGUF holds the weights in fp32, as the other rows run them. Its vocabulary is
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-FLAT_NAMES = {  # Hugging Face Llama name -> GGUF name, per layer ("{}": the layer)
+FLAT_NAMES = {  # within layer N: Hugging Face model.layers.N.NAME -> GGUF blk.N.NAME
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
@@ -118,8 +118,8 @@ class BatchedGreedy:
         import llama_cpp
 
         self.lib = lc = llama_cpp
-        if _QUIET is not None:
-            lc.llama_log_set(_QUIET, None)
+        self._log = lc.llama_log_callback(_quiet)  # kept: llama.cpp holds the C pointer
+        lc.llama_log_set(self._log, None)
         lc.llama_backend_init()
         self.model = lc.llama_model_load_from_file(gguf_path.encode(),
                                                    lc.llama_model_default_params())
@@ -168,20 +168,14 @@ class BatchedGreedy:
 
 
 def _quiet(level: int, text: bytes, user_data: Any) -> None:
+    """llama.cpp's log callback: its loading and graph messages would bury the table."""
     del level, text, user_data
-
-
-_QUIET: Any = None  # the C callback, made on first use (it needs llama_cpp's ctypes type)
 
 
 def w_generate_llamacpp(install: str, hf_dir: str, prompts: dict[int, np.ndarray],
                         first: dict[int, np.ndarray], new_tokens: int) -> dict[str, Any]:
     """(In a worker.) Register `llamacpp_b{B}` and `llamacpp_ttft{L}`; return the greedy
     outputs and the seconds the conversion to GGUF took."""
-    global _QUIET
-    import llama_cpp
-
-    _QUIET = llama_cpp.llama_log_callback(_quiet)
     registry = sys.modules[install]._REG
     start = time.perf_counter()
     path = write_gguf(hf_dir, os.path.join(hf_dir, "model-f32.gguf"))
