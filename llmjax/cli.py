@@ -18,6 +18,8 @@ from collections.abc import Callable
 import ml_collections
 from absl import app, flags, logging
 
+from llmjax import runtime
+
 # TensorFlow (loaded by TFDS and the TensorBoard writer) prints C++ start-up logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # transformers warns "PyTorch was not found" on import; llmjax uses it for tokenizers only.
@@ -109,13 +111,16 @@ def user_error(e: BaseException) -> str | None:
     return None
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """app.run(main) with library INFO logs off (unless --verbosity is given) and user
-    errors printed as one `error: ...` line (`user_error`)."""
+def run(main: Callable[[list[str]], None], compilation_cache: bool = True) -> None:
+    """app.run(main) with library INFO logs off (unless --verbosity is given), user
+    errors printed as one `error: ...` line (`user_error`), and XLA's persistent
+    compilation cache on (llmjax.runtime) unless `compilation_cache` is False."""
     def wrapped(argv: list[str]) -> None:
+        if compilation_cache:
+            runtime.enable_compilation_cache()
         verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
         if not flags.FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)  # Orbax, clu, TFDS INFO lines drown ours
+            logging.set_verbosity(logging.WARNING)  # Orbax and TFDS INFO lines drown ours
         try:
             main(argv)
         except Exception as e:

@@ -16,7 +16,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from llmjax import cli
+from llmjax import cli, runtime
 from llmjax.config import validate
 from llmjax.parallel import distributed
 from llmjax.training import accelerators, loop, memory
@@ -53,6 +53,8 @@ def main(argv: list[str]) -> None:
             print(line, flush=True)
         return
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if jax.process_index() == 0:
+        print(runtime.describe(), flush=True)
     loop.train_and_evaluate(config, FLAGS.workdir or os.path.join("runs", config.name))
 
 

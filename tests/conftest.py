@@ -8,10 +8,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session's tests, both pytest workers and the
+# commands they start (llmjax.runtime): a resumed or repeated tiny run loads its programs
+# instead of compiling them (8 s -> 1 s a first step). Kept between sessions: entries are
+# keyed by the program, the jaxlib and the devices, so a stale one is never used.
+os.environ.setdefault("LLMJAX_COMPILATION_CACHE", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "xla"))
 
 import pytest  # noqa: E402
 
+from llmjax import runtime  # noqa: E402
 from llmjax.config import base_config  # noqa: E402
+
+runtime.enable_compilation_cache()
 
 
 def tiny_config(**overrides):

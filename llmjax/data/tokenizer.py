@@ -13,17 +13,22 @@ there file by file with a completion marker last (object stores cannot rename a 
 and a remote DIR is copied to a local scratch directory to be loaded.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import transformers
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+if TYPE_CHECKING:  # imported where used: 2 to 4 s that a byte-tokenizer run never needs
+    import transformers
 
 # Our own tokenizers (bpe:, byte) put the special tokens first, with pad at 0: the batch
 # pipeline pads with zeros, so a padded position then also holds the pad id.
@@ -189,6 +194,8 @@ def save_trained(raw: _RustTokenizer, directory: str) -> None:
     never leaves a half-written tokenizer that a later run would take as complete. If the
     directory appeared meanwhile (another process, same workdir), theirs is kept.
     """
+    import transformers
+
     hf_tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=raw, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
     parent = os.path.dirname(os.path.abspath(directory))
@@ -261,6 +268,8 @@ def _load_or_train_bpe(spec: str, vocab_size: int, documents: Sequence[str] | No
 
 
 def _load_directory(spec: str, directory: str, shown: str | None = None) -> Tokenizer:
+    import transformers
+
     try:
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory,
                                                                   local_files_only=True)

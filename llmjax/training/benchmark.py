@@ -5,7 +5,7 @@ its initial state and jitted step, the mesh and batch placement) on random token
 needs no tokenizer or data files: `config.model.vocab_size` must be set. The command is
 `python -m llmjax.bench`; llmjax.training.benchmark_reference times other stacks beside it.
 
-Imports only jax, flax, optax, numpy, ml_collections and absl (no clu, grain or
+Imports only jax, flax, optax, numpy, ml_collections and absl (no grain or
 TensorFlow), so it runs on a bare accelerator machine.
 """
 

@@ -6,8 +6,8 @@ use, so that MFU compares between runs on one machine whatever else the machine 
 (a matmul timed at start-up read anywhere from 7 to 144 GFLOP/s on one 2-core machine in
 one hour). `config.peak_flops_per_device` replaces either.
 
-Kept apart from llmjax.training.metrics (which needs clu) so that llmjax.bench runs on machines
-with only jax, flax, optax and ml_collections installed.
+Kept apart from llmjax.training.metrics (which needs etils and TensorBoard's protobufs) so that
+llmjax.bench runs on machines with only jax, flax, optax and ml_collections installed.
 """
 
 import math

@@ -1,5 +1,8 @@
 """Metric writers (TensorBoard, metrics.jsonl, console) and throughput / MFU accounting.
 
+A writer has `write_scalars(step, {name: number})`, `write_texts(step, {name: str})`,
+`flush()` and `close()`; `create_writer` gives the run's writers as one.
+
 `metrics.jsonl` holds one JSON object per write: {"step": int, "group/name": float, ...}.
 It is always strict JSON: a non-finite value is written as the string "NaN", "Infinity"
 or "-Infinity" (which `float()` reads back); see `read_records` for a torn last line.
@@ -16,13 +19,13 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
 from llmjax import workdir as run_dir
+from llmjax.training import tensorboard
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+class JsonlWriter:
     """Appends scalars to `path` as one JSON object per line.
 
     Object stores (gs://) cannot append, so there the whole file is rewritten per write.
@@ -51,24 +54,6 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def write_texts(self, step: int, texts: Mapping[str, str]):
         self._append({"step": int(step), **texts})
-
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def write_hparams(self, hparams):
-        pass
 
     def flush(self):
         if not self._remote:
@@ -153,7 +138,7 @@ def drop_after(workdir: str, step: int) -> None:
     """Remove what a killed run logged past `step` (metrics.jsonl and TensorBoard), so its
     resumption logs every step once."""
     drop_records_after(os.path.join(workdir, run_dir.METRICS), step)
-    drop_events_after(os.path.join(workdir, run_dir.TENSORBOARD), step)
+    tensorboard.drop_events_after(os.path.join(workdir, run_dir.TENSORBOARD), step)
 
 
 def drop_records_after(path: str, step: int) -> None:
@@ -168,47 +153,35 @@ def drop_records_after(path: str, step: int) -> None:
     tmp.replace(path)
 
 
-def drop_events_after(logdir: str, step: int) -> None:
-    """Remove TensorBoard summaries past `step` from the event files in `logdir`.
+class MultiWriter:
+    """Writes to each of `writers` in turn."""
 
-    A run killed after its last checkpoint may have flushed summaries for steps it then
-    repeats on resume; TensorBoard would draw those steps twice. Each file is rewritten
-    beside itself and renamed over the original, so a crash here loses nothing.
-    """
-    import tensorflow as tf  # already loaded by clu's SummaryWriter; deferred for the others
-    from tensorboard.compat.proto import event_pb2
+    def __init__(self, writers: list[Any]):
+        self.writers = writers
 
-    if not tf.io.gfile.isdir(logdir):
-        return
-    for name in sorted(tf.io.gfile.listdir(logdir)):
-        path = os.path.join(logdir, name)
-        if not name.startswith("events.out.tfevents") or tf.io.gfile.isdir(path):
-            continue
-        records, torn = [], False
-        try:
-            for record in tf.data.TFRecordDataset(path):
-                records.append(record.numpy())
-        except tf.errors.DataLossError:  # a record cut off by a kill: drop it, keep the rest
-            logging.warning("%s: dropped its last record, cut off mid-write", path)
-            torn = True
-        kept = [r for r in records
-                if not ((event := event_pb2.Event.FromString(r)).HasField("summary")
-                        and event.step > step)]
-        if len(kept) == len(records) and not torn:
-            continue
-        tmp = os.path.join(logdir, "rewriting.tmp")  # no "tfevents" in it: TensorBoard skips it
-        with tf.io.TFRecordWriter(tmp) as out:
-            for record in kept:
-                out.write(record)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        for writer in self.writers:
+            writer.write_scalars(step, scalars)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        for writer in self.writers:
+            writer.write_texts(step, texts)
+
+    def flush(self) -> None:
+        for writer in self.writers:
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
 
 
-def create_writer(workdir: str, num_train_steps: int) -> metric_writers.MetricWriter:
+def create_writer(workdir: str, num_train_steps: int) -> MultiWriter:
     """TensorBoard + metrics.jsonl + console on process 0; nothing on the others."""
     if jax.process_index() != 0:
-        return metric_writers.MultiWriter([])
-    return metric_writers.MultiWriter([
-        metric_writers.SummaryWriter(os.path.join(workdir, run_dir.TENSORBOARD)),
+        return MultiWriter([])
+    return MultiWriter([
+        tensorboard.EventWriter(os.path.join(workdir, run_dir.TENSORBOARD)),
         JsonlWriter(os.path.join(workdir, run_dir.METRICS)),
         ConsoleWriter(num_train_steps),
     ])

@@ -138,18 +138,15 @@ def tensorboard_steps(logdir, tag):
 
 
 def test_resume_drops_tensorboard_points_past_the_checkpoint(tmp_path):
-    from clu import metric_writers
-
-    from llmjax.training import metrics
+    from llmjax.training import metrics, tensorboard
 
     logdir = str(tmp_path / "tensorboard")
-    first = metric_writers.SummaryWriter(logdir)  # a run that logged 1..8, checkpointed at 5
+    first = tensorboard.EventWriter(logdir)  # a run that logged 1..8, checkpointed at 5
     for step in range(1, 9):
         first.write_scalars(step, {"train/loss": 10.0 - step})
     first.close()
-    metrics.drop_events_after(logdir, 5)
-    time.sleep(1.1)  # event file names carry the second they were opened in
-    resumed = metric_writers.SummaryWriter(logdir)
+    metrics.drop_after(str(tmp_path), 5)
+    resumed = tensorboard.EventWriter(logdir)  # a second file, as a resumed run opens
     for step in range(6, 11):
         resumed.write_scalars(step, {"train/loss": 1.0})
     resumed.close()
