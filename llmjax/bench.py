@@ -28,7 +28,7 @@ from llmjax.parallel import sharding
 from llmjax.training import restore
 from llmjax.training.benchmark import format_table, measure, table_header
 from llmjax.training.benchmark_generation import compare_generation, save_reference_model
-from llmjax.training.benchmark_reference import compare_with_reference
+from llmjax.training.benchmark_reference import compare_with_reference, ratio_lines
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file to benchmark (configs/NAME.py).",
@@ -40,6 +40,9 @@ flags.DEFINE_bool("packed", True, "Batches carry segment ids, like the training 
 flags.DEFINE_string("reference", "", "Path of a baselines file (shared/bench/baselines.py "
                     "beside this checkout): also time its plain-JAX and HF torch eager steps "
                     "of the same model, round-robin, each in its own process.")
+flags.DEFINE_list("levers", [], "With --reference: also time llmjax with each of these XLA:CPU "
+                  "flag sets (onednn, xnnpack, onednn_dot, xnn_dot, ynn), each beside the "
+                  "default llmjax row, round-robin.")
 flags.DEFINE_bool("generate", False, "Time generation instead of training (needs --reference, "
                   "whose model it runs): decode tok/s at 1, 8 and 32 sequences, time to first "
                   "token, warm-up, beside HF generate and the plain-JAX KV-cache loop.")
@@ -92,12 +95,14 @@ def main(argv: list[str]) -> None:
     config = cli.loaded_config(example="configs/bench_reference.py")
     if FLAGS.reference:
         rows, info = compare_with_reference(config, FLAGS.steps, FLAGS.warmup, FLAGS.reference,
-                                            FLAGS.packed)
-        info = info["llmjax"]
+                                            FLAGS.packed, FLAGS.levers)
+        notes = ratio_lines(rows)
     else:
         row, info = measure(config, FLAGS.steps, FLAGS.warmup, FLAGS.packed)
-        rows = [row]
+        rows, notes = [row], []
     print(format_table(rows, table_header(FLAGS["config"].config_filename, info)))
+    for line in notes:
+        print(line)
     losses = ", ".join(f"{r.name} {r.first_loss:.3f}" for r in rows if not math.isnan(r.first_loss))
     print(f"first-step loss (random tokens: about ln vocab = "
           f"{math.log(config.model.vocab_size):.3f}): {losses}", flush=True)

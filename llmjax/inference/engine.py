@@ -25,8 +25,9 @@ step t costs its slot one more (discarded) token.
 Every request's settings (temperature, top-k, top-p, seed) are arrays of the step, so no
 setting or prompt length compiles anything after `warmup`; `compilations` counts every
 XLA program compiled (or loaded from the persistent compilation cache, llmjax.runtime)
-since the engine was made (a jax.monitoring listener), so a test can assert that. The model runs the training modules and weights (llmjax.models: `decode`,
-`logits`, `init_cache`), so its logprobs are the training forward's; its stacked layers
+since the engine was made (a jax.monitoring listener), so a test can assert that. The
+model runs the training modules and weights (llmjax.models: `decode`, `logits`,
+`init_cache`), so its logprobs are the training forward's; its stacked layers
 are split per layer first (llmjax.models.kv_cache.unstack_layers).
 """
 

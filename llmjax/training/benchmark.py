@@ -24,7 +24,7 @@ import numpy as np
 from llmjax.models import flops_per_token
 from llmjax.parallel import sharding
 from llmjax.training import setup
-from llmjax.training.flops import peak_flops_per_device
+from llmjax.training.flops import cpu_description, peak_flops_per_device
 
 GIB = 2**30
 
@@ -148,7 +148,8 @@ def prepare_train_step(config: ml_collections.ConfigDict,
         "num_params": run.num_params,
         "tokens_per_step": config.global_batch_size * config.seq_len,
         "description": (
-            f"{jax.device_count()} x {device.device_kind} ({device.platform}), "
+            f"{jax.device_count()} x {device.device_kind} ({device.platform}"
+            f"{': ' + cpu_description() if device.platform == 'cpu' else ''}), "
             f"mesh {dict(run.mesh.shape)}; batch {config.global_batch_size} x seq "
             f"{config.seq_len}; dtype {model_cfg.dtype} (params {model_cfg.param_dtype}), "
             f"scan_layers={model_cfg.scan_layers}, remat={model_cfg.remat_policy}, "

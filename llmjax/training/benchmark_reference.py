@@ -8,6 +8,7 @@ its own spawned process (torch and XLA slow each other down in one) and round-ro
 background load hits every row alike.
 """
 
+import dataclasses
 import importlib
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from llmjax import runtime
 from llmjax.training.benchmark import Measurement, prepare_train_step
 
 
@@ -97,11 +99,55 @@ def peak_rss_bytes(pid: int) -> float | None:
     return None
 
 
+# --levers=NAME,...: llmjax on jemalloc with these XLA:CPU flags, each beside the default.
+LEVERS = {
+    "onednn": "--xla_cpu_use_onednn=true",
+    "xnnpack": "--xla_cpu_use_xnnpack=true",
+    "onednn_dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
+    "xnn_dot": "--xla_cpu_experimental_xnn_fusion_type=dot",
+    "ynn": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
+}
+STEP_NAMES = {"llmjax": "llmjax", "jax": "jax", "torch": "hf_eager"}  # what workers register
+LABELS = {"llmjax": "llmjax", "jax": "plain JAX reference", "torch": "HF torch eager (sdpa)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    kind: str  # llmjax | jax (the plain-JAX reference) | torch (HF transformers, eager)
+    env: dict[str, str]  # set in its worker (LD_PRELOAD "" is glibc's malloc)
+
+
+def reference_rows(levers: list[str]) -> list[list[Row]]:
+    """Groups of rows, each group timed round-robin. The first: llmjax, plain JAX and torch
+    on the allocator llmjax's commands use (jemalloc, when installed) and on glibc's, so
+    every ratio compares like with like; then one group per lever, beside the first row."""
+    jemalloc = runtime.jemalloc_path()
+    allocators = {"glibc": {"LD_PRELOAD": ""}}
+    if jemalloc:
+        allocators = {"jemalloc": {"LD_PRELOAD": jemalloc, "MALLOC_CONF": runtime.JEMALLOC_CONF},
+                      **allocators}
+    else:
+        print("no jemalloc here (apt-get install libjemalloc2): glibc rows only", flush=True)
+    first = [Row(f"{kind}_{name}", f"{LABELS[kind]}, {name}", kind, env)
+             for name, env in allocators.items() for kind in ("llmjax", "jax", "torch")]
+    groups = [first]
+    flags = os.environ.get("XLA_FLAGS", "")
+    for lever in levers:
+        if lever not in LEVERS:
+            raise ValueError(f"--levers={lever}: choose from {', '.join(LEVERS)}")
+        env = {**first[0].env, "XLA_FLAGS": f"{flags} {LEVERS[lever]}".strip()}
+        groups.append([first[0], Row(f"llmjax_{lever}", f"{first[0].label} + {LEVERS[lever]}",
+                                     "llmjax", env)])
+    return groups
+
+
 def compare_with_reference(config: ml_collections.ConfigDict, steps: int, warmup: int,
-                           baselines_path: str, packed: bool = True
+                           baselines_path: str, packed: bool = True, levers: tuple = ()
                            ) -> tuple[list[Measurement], dict[str, Any]]:
-    """llmjax, the plain-JAX reference and HF torch eager (and llmjax with mimalloc, if
-    installed), each in a worker process, timed round-robin `steps` times."""
+    """The rows of `reference_rows`, each in its own worker process, each group timed
+    round-robin `steps` times (a row in two groups is timed in both)."""
     baselines = load_baselines(baselines_path)
     wrong = reference_mismatches(config, baselines)
     if wrong:
@@ -112,64 +158,85 @@ def compare_with_reference(config: ml_collections.ConfigDict, steps: int, warmup
     tokens = np.random.default_rng(1).integers(0, ref.vocab, size=(baselines.BATCH,
                                                                     baselines.SEQ),
                                                dtype=np.int32)
-    labels = {"llmjax": "llmjax", "jax": "plain JAX reference", "torch": "HF torch eager (sdpa)",
-              "llmjax_mimalloc": "llmjax + mimalloc"}
-    envs = {"llmjax": None, "jax": None, "torch": None}
-    mimalloc = baselines.mimalloc_env()
-    if mimalloc is not None:
-        envs["llmjax_mimalloc"] = mimalloc
-    else:
-        print("cmeel-mimalloc is not installed: no 'llmjax + mimalloc' row", flush=True)
-    workers, info = {}, {}
+    workers, info, results, rss = {}, {}, {}, {}
     try:
-        for key, env in envs.items():
-            workers[key] = baselines.Worker(key, env=env)
-            workers[key].setup("w_init", kind="torch" if key == "torch" else "jax")
-        for key in workers:
-            start = time.perf_counter()
-            if key.startswith("llmjax"):
-                info[key] = workers[key].setup(
-                    "w_train_llmjax", install=InstallInWorker(
-                        baselines.__name__, {"w_train_llmjax": w_train_llmjax}),
-                    config=config, packed=packed, warmup=warmup)
-            elif key == "jax":
-                info[key] = workers[key].setup("w_train_jax", tokens=tokens,
-                                               variants=("jax",))["jax"]
-            else:
-                meta = workers[key].setup("w_train_torch", tokens=tokens, do_compile=False)
-                info[key] = {**meta["hf_eager"], "n_params": meta["n_params"]}
-            print(f"[bench] {labels[key]} ready in {time.perf_counter() - start:.0f}s",
-                  flush=True)
-        step_names = {"llmjax": "llmjax", "llmjax_mimalloc": "llmjax", "jax": "jax",
-                      "torch": "hf_eager"}  # what each worker registered
-        timers = [(key, workers[key].timer(step_names[key])) for key in workers]
-        if warmup > 0:  # one more untimed step each for the references, as baselines.py does
-            for key, timer in timers:
-                if not key.startswith("llmjax"):
-                    timer()
-        results = baselines.interleave(timers, steps)
-        rss = {key: peak_rss_bytes(w.proc.pid) for key, w in workers.items()}
+        for group in reference_rows(list(levers)):
+            for row in group:
+                if row.key not in workers:
+                    workers[row.key] = baselines.Worker(row.key, env=row.env)
+                    info[row.key] = _set_up(workers[row.key], row, baselines, config,
+                                            packed, warmup, tokens)
+            timers = [(row.key, workers[row.key].timer(STEP_NAMES[row.kind])) for row in group]
+            for key, timed in baselines.interleave(timers, steps).items():
+                if key in results:  # timed in an earlier group too: keep every timing
+                    timed = {**timed, "all": results[key]["all"] + timed["all"]}
+                results[key] = timed
+            for row in group[1:] if len(group) == 2 else ():  # a lever: done with it
+                rss[row.key] = peak_rss_bytes(workers[row.key].proc.pid)
+                workers.pop(row.key).close()
+        rss.update({key: peak_rss_bytes(w.proc.pid) for key, w in workers.items()})
     finally:
         for worker in workers.values():
             worker.close()
+    labels = {row.key: row.label for group in reference_rows(list(levers)) for row in group}
+    default = next(iter(labels))
+    ours = info[default]
+    return [_measurement(labels[key], results[key], info[key], rss.get(key), ours)
+            for key in labels], ours
 
-    ours = info["llmjax"]
-    peak_total = ours["peak_flops_per_device"] * ours["num_devices"]
-    rows = []
-    for key in workers:
-        res, meta = results[key], info[key]
-        memory = dict(meta.get("memory_bytes", {}))
-        if key == "jax" and meta.get("temp_bytes") is not None:
-            memory["temp"] = float(meta["temp_bytes"])
-        if rss[key] is not None:
-            memory["host_peak_rss"] = rss[key]
-        compile_seconds = meta.get("compile_seconds", meta.get("lower_compile_s", math.nan))
-        rows.append(Measurement(
-            name=labels[key], step_seconds=list(res["all"]),
-            tokens_per_step=ours["tokens_per_step"], flops_per_token=ours["flops_per_token"],
-            peak_flops=peak_total, compile_seconds=compile_seconds,
-            first_step_seconds=meta.get("first_step_seconds", meta.get("first_step_s")),
-            first_loss=meta.get("first_loss", math.nan), memory_bytes=memory,
-            faults_per_step=res["minflt_median"],
-            cpu_seconds_per_step=(res["utime_median"], res["stime_median"])))
-    return rows, info
+
+def _set_up(worker: Any, row: Row, baselines: Any, config: ml_collections.ConfigDict,
+            packed: bool, warmup: int, tokens: np.ndarray) -> dict[str, Any]:
+    start = time.perf_counter()
+    worker.setup("w_init", kind="torch" if row.kind == "torch" else "jax")
+    if row.kind == "llmjax":
+        meta = worker.setup("w_train_llmjax", install=InstallInWorker(
+            baselines.__name__, {"w_train_llmjax": w_train_llmjax}),
+            config=config, packed=packed, warmup=warmup)
+    elif row.kind == "jax":
+        meta = worker.setup("w_train_jax", tokens=tokens, variants=("jax",))["jax"]
+    else:
+        meta = worker.setup("w_train_torch", tokens=tokens, do_compile=False)
+        meta = {**meta["hf_eager"], "n_params": meta["n_params"]}
+    if warmup > 0 and row.kind != "llmjax":  # one untimed step more, as baselines.py does
+        worker.timer(STEP_NAMES[row.kind])()
+    print(f"[bench] {row.label} ready in {time.perf_counter() - start:.0f}s", flush=True)
+    return meta
+
+
+def _measurement(label: str, timed: dict[str, Any], meta: dict[str, Any], rss: float | None,
+                 ours: dict[str, Any]) -> Measurement:
+    memory = dict(meta.get("memory_bytes", {}))
+    if meta.get("temp_bytes") is not None:
+        memory["temp"] = float(meta["temp_bytes"])
+    if rss is not None:
+        memory["host_peak_rss"] = rss
+    return Measurement(
+        name=label, step_seconds=list(timed["all"]), tokens_per_step=ours["tokens_per_step"],
+        flops_per_token=ours["flops_per_token"],
+        peak_flops=ours["peak_flops_per_device"] * ours["num_devices"],
+        compile_seconds=meta.get("compile_seconds", meta.get("lower_compile_s", math.nan)),
+        first_step_seconds=meta.get("first_step_seconds", meta.get("first_step_s")),
+        first_loss=meta.get("first_loss", math.nan), memory_bytes=memory,
+        faults_per_step=timed["minflt_median"],
+        cpu_seconds_per_step=(timed["utime_median"], timed["stime_median"]))
+
+
+def ratio_lines(rows: list[Measurement]) -> list[str]:
+    """llmjax's median tok/s over each other row's, per allocator and per lever."""
+    by_name = {r.name: r.tokens_per_sec_median for r in rows}
+    lines = []
+    for allocator in ("jemalloc", "glibc"):
+        ours = by_name.get(f"llmjax, {allocator}")
+        torch = by_name.get(f"{LABELS['torch']}, {allocator}")
+        jax = by_name.get(f"{LABELS['jax']}, {allocator}")
+        if ours and torch and jax:
+            lines.append(f"{allocator}: llmjax / HF torch eager {ours / torch:.2f}x, "
+                         f"llmjax / plain JAX {ours / jax:.2f}x")
+    default = rows[0]
+    for r in rows:
+        if r.name.startswith(default.name + " + "):
+            lines.append(f"{r.name[len(default.name) + 3:]}: "
+                         f"{r.tokens_per_sec_median / default.tokens_per_sec_median - 1:+.1%} "
+                         f"against {default.name} (timed in the same group)")
+    return lines

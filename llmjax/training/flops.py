@@ -29,6 +29,27 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_description() -> str:
+    """The host CPU's model, the cores this process may use and its widest vector ISA, as a
+    benchmark names them (speed figures compare only between rows of one machine)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
+           else "no AVX2" if flags else "ISA unknown")
+    extras = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+              if flag in flags]
+    return f"{model}, {cpu_cores()} cores, {', '.join([isa, *extras])}"
+
+
 def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number comes from)."""
     if override:

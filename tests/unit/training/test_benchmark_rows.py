@@ -1,0 +1,41 @@
+"""The --reference benchmark's rows: every ratio compares stacks on one allocator, and each
+lever is timed beside the default row."""
+
+import pytest
+
+from llmjax import runtime
+from llmjax.training import benchmark_reference
+from llmjax.training.benchmark import Measurement
+
+
+def test_each_allocator_has_all_three_stacks_and_levers_sit_beside_the_default():
+    groups = benchmark_reference.reference_rows(["onednn", "ynn"])
+    first = groups[0]
+    allocators = ["jemalloc", "glibc"] if runtime.jemalloc_path() else ["glibc"]
+    assert [r.label.split(", ")[-1] for r in first] == [a for a in allocators for _ in range(3)]
+    assert [r.kind for r in first] == ["llmjax", "jax", "torch"] * len(allocators)
+    for row in first:  # the same allocator settings whatever the stack
+        assert row.env == first[0].env or row.label.endswith("glibc")
+    assert [g[0] for g in groups[1:]] == [first[0], first[0]]
+    assert "--xla_cpu_use_onednn=true" in groups[1][1].env["XLA_FLAGS"]
+    assert groups[1][1].env["LD_PRELOAD"] == first[0].env["LD_PRELOAD"]
+    with pytest.raises(ValueError, match="--levers=mkl: choose from onednn"):
+        benchmark_reference.reference_rows(["mkl"])
+
+
+def row(name, seconds):
+    return Measurement(name=name, step_seconds=[seconds], tokens_per_step=4096,
+                       flops_per_token=1.0, peak_flops=1.0, compile_seconds=0.0,
+                       first_step_seconds=0.0, first_loss=0.0, memory_bytes={},
+                       faults_per_step=0.0, cpu_seconds_per_step=(0.0, 0.0))
+
+
+def test_ratios_are_median_tokens_per_second_within_an_allocator():
+    rows = [row("llmjax, jemalloc", 1.0), row("plain JAX reference, jemalloc", 1.25),
+            row("HF torch eager (sdpa), jemalloc", 2.0), row("llmjax, glibc", 2.0),
+            row("plain JAX reference, glibc", 2.0), row("HF torch eager (sdpa), glibc", 1.0),
+            row("llmjax, jemalloc + --xla_cpu_use_onednn=true", 0.8)]
+    assert benchmark_reference.ratio_lines(rows) == [
+        "jemalloc: llmjax / HF torch eager 2.00x, llmjax / plain JAX 1.25x",
+        "glibc: llmjax / HF torch eager 0.50x, llmjax / plain JAX 1.00x",
+        "--xla_cpu_use_onednn=true: +25.0% against llmjax, jemalloc (timed in the same group)"]
