@@ -1,4 +1,5 @@
-"""Metric writers (TensorBoard, metrics.jsonl, console) and throughput / MFU accounting.
+"""Metric writers (TensorBoard, metrics.jsonl, console; W&B: wandb_writer) and throughput /
+MFU accounting.
 
 `metrics.jsonl` holds one JSON object per write: {"step": int, "group/name": float, ...}.
 It is always strict JSON: a non-finite value is written as the string "NaN", "Infinity"
@@ -14,12 +15,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
 from etils import epath
 
 from llmjax import workdir as run_dir
+from llmjax.training import wandb_writer
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -203,14 +206,19 @@ def drop_events_after(logdir: str, step: int) -> None:
         tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
-def create_writer(workdir: str, num_train_steps: int) -> metric_writers.MetricWriter:
-    """TensorBoard + metrics.jsonl + console on process 0; nothing on the others."""
+def create_writer(workdir: str, config: ml_collections.ConfigDict
+                  ) -> metric_writers.MetricWriter:
+    """TensorBoard + metrics.jsonl + console (+ W&B with config.logging.wandb_project) on
+    process 0; nothing on the others. Raises ValueError if W&B cannot start its run."""
     if jax.process_index() != 0:
         return metric_writers.MultiWriter([])
+    # W&B first: a run it refuses fails before the other writers open anything
+    writers = [wandb_writer.start(config, workdir)] if config.logging.wandb_project else []
     return metric_writers.MultiWriter([
+        *writers,
         metric_writers.SummaryWriter(os.path.join(workdir, run_dir.TENSORBOARD)),
         JsonlWriter(os.path.join(workdir, run_dir.METRICS)),
-        ConsoleWriter(num_train_steps),
+        ConsoleWriter(config.num_train_steps),
     ])
 
 
