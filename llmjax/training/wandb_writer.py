@@ -15,6 +15,7 @@ training never stops for its logs.
 
 import os
 import secrets
+import sys
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -82,7 +83,10 @@ class WandbWriter(metric_writers.MetricWriter):
 
     def close(self):
         if self._run is not None:
-            self._guarded("finish", self._run.finish)
+            # Closed while an error ends the run (the train loop closes its writers on the
+            # way out): W&B shows it failed rather than finished.
+            failed = sys.exc_info()[0] is not None
+            self._guarded("finish", self._run.finish, exit_code=1 if failed else None)
             self._run = None
 
 

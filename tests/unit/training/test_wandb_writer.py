@@ -1,6 +1,7 @@
 """config.logging (W&B): the keys are checked with one line each (wandb missing, a key
 without the project); a W&B run that cannot start is one line naming the key; a write
-that fails once drops W&B and never the run; a rerun continues the workdir's W&B run."""
+that fails once drops W&B and never the run; a rerun continues the workdir's W&B run
+after the steps it has."""
 
 import sys
 
@@ -58,22 +59,23 @@ def test_a_run_wandb_cannot_start_is_one_line_naming_the_key(tmp_path, offline_w
         "leave the key empty")
 
 
-class FailingRun:
+class FakeRun:
     starting_step = 0
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, error=None):
+        self.error, self.calls = error, []
 
     def log(self, values, step):
         self.calls.append(step)
-        raise ConnectionError("the W&B service went away")
+        if self.error:
+            raise self.error
 
-    def finish(self):
-        self.calls.append("finish")
+    def finish(self, exit_code=None):
+        self.calls.append(("finish", exit_code))
 
 
 def test_a_failing_write_warns_once_and_drops_wandb(caplog):
-    run = FailingRun()
+    run = FakeRun(ConnectionError("the W&B service went away"))
     writer = wandb_writer.WandbWriter(run)
     writer.write_scalars(1, {"train/loss": 2.0})
     writer.write_scalars(2, {"train/loss": 1.0})
@@ -83,6 +85,16 @@ def test_a_failing_write_warns_once_and_drops_wandb(caplog):
     warnings = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
     assert warnings == ["W&B log failed (ConnectionError: the W&B service went away); the run "
                         "goes on, logging to metrics.jsonl and TensorBoard only"]
+
+
+def test_a_run_that_an_error_ends_is_finished_as_failed():
+    finished, failed = FakeRun(), FakeRun()
+    wandb_writer.WandbWriter(finished).close()
+    try:
+        raise ValueError("config.nan_policy=stop: a non-finite loss")
+    except ValueError:
+        wandb_writer.WandbWriter(failed).close()
+    assert finished.calls == [("finish", None)] and failed.calls == [("finish", 1)]
 
 
 def test_a_rerun_in_the_workdir_continues_its_wandb_run(tmp_path, offline_wandb):
@@ -105,3 +117,12 @@ def test_a_rerun_in_the_workdir_continues_its_wandb_run(tmp_path, offline_wandb)
     # $WANDB_DIR decides where W&B's files go: not the workdir
     assert not (workdir / "wandb").exists()
     assert len(list((tmp_path / "wandb_dir" / "wandb").glob(f"offline-run-*-{run_ids[0]}"))) == 2
+
+
+def test_steps_before_the_resumed_wandb_run_continues_are_left_to_it():
+    run = FakeRun()
+    run.starting_step = 6  # W&B had steps up to 5: a killed run logged past its checkpoint
+    writer = wandb_writer.WandbWriter(run)
+    for step in (4, 5, 6, 7):
+        writer.write_scalars(step, {"train/loss": 1.0})
+    assert run.calls == [6, 7]
