@@ -112,7 +112,7 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> WandbWriter:
                          name=settings.wandb_run_name or None, tags=tags or None, id=run_id,
                          resume="allow", config=config.to_dict(), dir=_wandb_dir(workdir))
     except Exception as e:  # not logged in, offline, refused: one line before the first step
-        detail = " ".join(str(e).split()) or type(e).__name__
+        detail = " ".join(str(e).split()).rstrip(".") or type(e).__name__
         raise ValueError(
             f"W&B could not start a run for config.logging.wandb_project="
             f"{settings.wandb_project!r}: {detail}; run `wandb login`, set WANDB_MODE=offline "
@@ -122,9 +122,10 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> WandbWriter:
     return WandbWriter(run)
 
 
-def _wandb_dir(workdir: str) -> str | None:
-    """Where W&B keeps its files: $WANDB_DIR if set (None lets W&B read it), else the
-    workdir, or a local temporary directory when the workdir is in an object store."""
+def _wandb_dir(workdir: str) -> str:
+    """Where W&B keeps its files: $WANDB_DIR if set, else the workdir, or a local temporary
+    directory when the workdir is in an object store. Always given to W&B: it reads its
+    environment once a process, and its default is the current directory."""
     if os.environ.get("WANDB_DIR"):
-        return None
+        return os.environ["WANDB_DIR"]
     return tempfile.gettempdir() if "://" in workdir else workdir

@@ -3,6 +3,7 @@ without the project); a W&B run that cannot start is one line naming the key; a 
 that fails once drops W&B and never the run; a rerun continues the workdir's W&B run
 after the steps it has."""
 
+import glob
 import sys
 
 import pytest
@@ -114,8 +115,8 @@ def test_a_rerun_in_the_workdir_continues_its_wandb_run(tmp_path, offline_wandb)
         assert run.summary["sample"] == f"ROMEO: {steps[-1]}"
         writer.close()
     assert run_ids[0] == run_ids[1] == (workdir / "wandb_run_id").read_text().strip()
-    # $WANDB_DIR decides where W&B's files go: not the workdir
-    assert not (workdir / "wandb").exists()
+    # $WANDB_DIR decides where W&B's files go (even once W&B has started in the process)
+    assert not (workdir / "wandb").exists() and not glob.glob(f"wandb/*{run_ids[0]}*")
     assert len(list((tmp_path / "wandb_dir" / "wandb").glob(f"offline-run-*-{run_ids[0]}"))) == 2
 
 
