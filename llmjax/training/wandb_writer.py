@@ -37,7 +37,7 @@ class WandbWriter(metric_writers.MetricWriter):
         self._run = run
         # W&B takes steps only forward: on resume it continues after the last step it has,
         # and the steps that a killed run logged past its checkpoint keep their first values
-        # (the same losses; see README "Resuming").
+        # (the same losses; see README, "Weights & Biases").
         self._first_step = int(run.starting_step)
 
     def _guarded(self, what: str, write: Any, *args: Any, **kwargs: Any) -> None:
