@@ -6,6 +6,7 @@ is the one place a config is checked: every section here, the model section thro
 family's dataclass (llmjax.models.model_config), the task against the model (`check_task`).
 """
 
+import importlib.util
 import json
 import math
 from typing import Any
@@ -106,6 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.early_stopping.mode = "min"  # min | max: which way is better
     c.early_stopping.patience = 0  # stop after this many evaluations without a better metric
 
+    c.logging = ml_collections.ConfigDict()  # beyond metrics.jsonl and TensorBoard
+    c.logging.wandb_project = ""  # a W&B project: log there too (pip install -e ".[wandb]")
+    c.logging.wandb_entity = ""  # the W&B team or user (empty: the account's default)
+    c.logging.wandb_run_name = ""  # empty: W&B names the run
+    c.logging.wandb_tags = ""  # comma-separated, e.g. "baseline,shakespeare"
+
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = ""
     c.sample.max_new_tokens = 0  # 0: no sample at the end of training
@@ -189,9 +196,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config.data.eval and config.data.eval_fraction == 0.0:
         raise ValueError("config.data.eval is empty and config.data.eval_fraction is 0: "
                          "give an eval source or hold out a fraction")
+    check_logging(config.logging)
     if not config.init_from:
         # vocab_size 0 means "the tokenizer's": any size checks the other fields.
         check_task(config.task, model_config(config.model, vocab_size=1))
+
+
+def check_logging(settings: ml_collections.ConfigDict) -> None:
+    """ValueError if a W&B key is set without a project, or the project without wandb
+    (an optional extra) installed."""
+    for key in ("wandb_entity", "wandb_run_name", "wandb_tags"):
+        if settings[key] and not settings.wandb_project:
+            raise ValueError(f"config.logging.{key} is set but config.logging.wandb_project "
+                             "is empty: name the W&B project to log to")
+    if settings.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ValueError("config.logging.wandb_project is set but wandb is not installed: "
+                         'pip install -e ".[wandb]" (or leave the key empty)')
 
 
 def check_task(task: str, model_cfg: Any) -> None:

@@ -7,6 +7,8 @@
     WORKDIR/best/STEP/         the best checkpoint for config.early_stopping.metric
     WORKDIR/tokenizer/         the tokenizer trained for the run (bpe:N)
     WORKDIR/lock               who runs in it now: {"pid", "host", "since"} (`lock`)
+    WORKDIR/wandb_run_id       the W&B run it logs to (config.logging.wandb_project)
+    WORKDIR/wandb/             W&B's own files for that run (unless $WANDB_DIR says where)
 
 `python -m llmjax.hf import` writes the same shape with parameters only, at step 0. A
 model path (init_from, evaluate, export, generate, serve) is a workdir (its newest
@@ -33,6 +35,7 @@ CHECKPOINTS = "checkpoints"
 BEST = "best"
 TOKENIZER = "tokenizer"
 LOCK = "lock"
+WANDB_RUN_ID = "wandb_run_id"
 
 
 def read_config(workdir: str) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if jax.process_index() == 0:  # steps past the checkpoint (or all: none) are trained again
         metrics.drop_after(workdir, latest or 0)
     writer = cleanup.enter_context(contextlib.closing(
-        metrics.create_writer(workdir, config.num_train_steps)))
+        metrics.create_writer(workdir, config)))
     peak, peak_source = peak_flops_per_device(config.peak_flops_per_device)
     throughput = metrics.Throughput(flops_per_token(run.model_cfg, config.seq_len), peak)
     stopping = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,

@@ -1,4 +1,5 @@
-"""Metric writers (TensorBoard, metrics.jsonl, console) and throughput / MFU accounting.
+"""Metric writers (TensorBoard, metrics.jsonl, console; W&B: wandb_writer) and throughput /
+MFU accounting.
 
 A writer has `write_scalars(step, {name: number})`, `write_texts(step, {name: str})`,
 `flush()` and `close()`; `create_writer` gives the run's writers as one.
@@ -17,12 +18,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 
 from llmjax import workdir as run_dir
-from llmjax.training import tensorboard
+from llmjax.training import tensorboard, wandb_writer
 
 
 class JsonlWriter:
@@ -176,14 +178,18 @@ class MultiWriter:
             writer.close()
 
 
-def create_writer(workdir: str, num_train_steps: int) -> MultiWriter:
-    """TensorBoard + metrics.jsonl + console on process 0; nothing on the others."""
+def create_writer(workdir: str, config: ml_collections.ConfigDict) -> MultiWriter:
+    """TensorBoard + metrics.jsonl + console (+ W&B with config.logging.wandb_project) on
+    process 0; nothing on the others. Raises ValueError if W&B cannot start its run."""
     if jax.process_index() != 0:
         return MultiWriter([])
+    # W&B first: a run it refuses fails before the other writers open anything
+    writers = [wandb_writer.start(config, workdir)] if config.logging.wandb_project else []
     return MultiWriter([
+        *writers,
         tensorboard.EventWriter(os.path.join(workdir, run_dir.TENSORBOARD)),
         JsonlWriter(os.path.join(workdir, run_dir.METRICS)),
-        ConsoleWriter(num_train_steps),
+        ConsoleWriter(config.num_train_steps),
     ])
 
 
