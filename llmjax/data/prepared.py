@@ -22,10 +22,13 @@ TensorFlow (records are decoded with numpy).
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+from llmjax.data import files
 
 VERSION = "1.0.0"
 METADATA_FILE = "llmjax.json"
@@ -70,7 +73,9 @@ def write_shard(path: str, records: Iterable[dict[str, Any]], feature_spec) -> t
     """
     from array_record.python import array_record_module
 
-    scratch = path + ".incomplete"
+    # array_record writes local files: a shard bound for an object store is made here first.
+    scratch = (os.path.join(tempfile.mkdtemp(), os.path.basename(path)) if files.is_remote(path)
+               else path + ".incomplete")
     # group_size:1 makes every record its own chunk: fastest random access, which is how
     # tfds.data_source and the training loader read.
     writer = array_record_module.ArrayRecordWriter(scratch, "group_size:1")
@@ -81,7 +86,7 @@ def write_shard(path: str, records: Iterable[dict[str, Any]], feature_spec) -> t
         count += 1
         num_bytes += len(serialized)
     writer.close()
-    os.replace(scratch, path)
+    files.put(scratch, path)
     return count, num_bytes
 
 
@@ -104,8 +109,7 @@ def write_metadata(version_dir: str, name: str, feature_spec,
     tfds.folder_dataset.write_metadata(data_dir=version_dir, features=feature_spec,
                                        split_infos=split_infos, version=VERSION,
                                        check_data=False, description=description)
-    with open(os.path.join(version_dir, METADATA_FILE), "w") as f:
-        json.dump(metadata, f, indent=2)
+    files.write_text(os.path.join(version_dir, METADATA_FILE), json.dumps(metadata, indent=2))
 
 
 def version_dir(path: str, source: str = "") -> str:

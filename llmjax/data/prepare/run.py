@@ -80,7 +80,7 @@ def prepare(options: Options, show_progress: bool = True) -> dict[str, Any]:
         # 2. deduplicate, then pick the validation documents
         clock = time.perf_counter()
         reasons = stages.deduplicate(summaries, options)
-        splits = stages.assign_splits(reasons, options)
+        splits = stages.assign_splits(summaries, reasons, options)
         seconds["dedup"] = time.perf_counter() - clock
 
         # 3. tokenizer
@@ -118,20 +118,8 @@ def prepare(options: Options, show_progress: bool = True) -> dict[str, Any]:
         os.makedirs(version_dir)
         written = tokens.write_splits(pool, options, name, version_dir, token_counts, splits,
                                       tokenizer.vocab_size, show_progress)
-        metadata = {
-            "tokenizer": (tokenizer_spec if tokenizer_spec == "byte" or not
-                          tokenizer_spec.startswith(output + os.sep)
-                          else os.path.relpath(tokenizer_spec, output)),
-            "tokenizer_fingerprint": tokenizer_fingerprint,
-            "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
-            "eos_id": tokenizer.eos_id, "sources": list(options.sources),
-            "splits": {split: {"documents": info["documents"], "tokens": info["tokens"]}
-                       for split, info in written.items()},
-        }
-        prepared.write_metadata(
-            version_dir, name, prepared.features(tokenizer.vocab_size),
-            {split: (info["shard_lengths"], info["bytes"]) for split, info in written.items()},
-            metadata, description=f"Prepared by llmjax.prepare from {', '.join(options.sources)}")
+        tokens.write_metadata(options, output, name, version_dir, tokenizer_spec, tokenizer,
+                              written)
         seconds["write"] = time.perf_counter() - clock
 
     seconds["total"] = time.perf_counter() - started
