@@ -69,6 +69,16 @@ def put(local_path: str, path: str) -> None:
         shutil.move(local_path, path)  # a rename on the same file system
 
 
+def remove_tree(path: str) -> None:
+    """Removes the directory `path` and everything in it, if it exists."""
+    if is_remote(path):
+        gfile = _gfile()
+        if gfile.exists(path):
+            gfile.rmtree(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def write_text(path: str, text: str) -> None:
     with open_file(path, "w") as f:
         f.write(text)

@@ -28,7 +28,10 @@ from llmjax.data.tokenizer import fingerprint, load_tokenizer
 
 
 def prepare(options: Options, show_progress: bool = True) -> dict[str, Any]:
-    """Runs every stage (skipping finished ones); returns the report (also saved as JSON)."""
+    """Runs every stage (skipping finished ones); returns the report (also saved as JSON).
+
+    `options.runner="beam"` runs them as an Apache Beam pipeline instead (beam.py): the same
+    dataset, on whichever Beam runner `options.beam_pipeline_options` names."""
     started = time.perf_counter()
     name = prepared.check_name(options.output)
     specs = [sources.parse_source(s, "--source") for s in options.sources]
@@ -41,6 +44,12 @@ def prepare(options: Options, show_progress: bool = True) -> dict[str, Any]:
     if not 0 <= options.validation_fraction < 1:
         raise ValueError(f"--validation_fraction={options.validation_fraction} must be in "
                          "[0, 1)")
+    if options.runner == "beam":
+        from llmjax.data.prepare.beam import prepare_with_beam  # needs apache_beam
+
+        return prepare_with_beam(options, specs, name)
+    if options.runner != "local":
+        raise ValueError(f"--runner={options.runner!r} is not local or beam")
     output = os.path.abspath(os.path.expanduser(options.output))
     work = os.path.join(output, WORK_SUBDIR)
     data_dir = options.tfds_data_dir or None
