@@ -72,6 +72,7 @@ def write_shard(path: str, records: Iterable[dict[str, Any]], feature_spec) -> t
     Returns (number of records, bytes written).
     """
     from array_record.python import array_record_module
+    from tensorflow_datasets.core import example_serializer
 
     # array_record writes local files: a shard bound for an object store is made here first.
     scratch = (os.path.join(tempfile.mkdtemp(), os.path.basename(path)) if files.is_remote(path)
@@ -79,9 +80,13 @@ def write_shard(path: str, records: Iterable[dict[str, Any]], feature_spec) -> t
     # group_size:1 makes every record its own chunk: fastest random access, which is how
     # tfds.data_source and the training loader read.
     writer = array_record_module.ArrayRecordWriter(scratch, "group_size:1")
+    # feature_spec.serialize_example writes the proto's feature map in an order that can
+    # differ between processes; sorted keys make a shard the same bytes on any worker.
+    serializer = example_serializer.ExampleSerializer(feature_spec.get_serialized_info())
     count = num_bytes = 0
     for record in records:
-        serialized = feature_spec.serialize_example(record)
+        serialized = serializer.get_tf_example(feature_spec.encode_example(record)
+                                               ).SerializeToString(deterministic=True)
         writer.write(serialized)
         count += 1
         num_bytes += len(serialized)
