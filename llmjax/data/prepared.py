@@ -119,9 +119,9 @@ def write_metadata(version_dir: str, name: str, feature_spec,
 
 def version_dir(path: str, source: str = "") -> str:
     """The TFDS builder directory of a prepared dataset given as DIR/NAME or DIR/NAME/1.0.0."""
-    path = os.path.expanduser(path)
+    path = path if files.is_remote(path) else os.path.expanduser(path)
     for candidate in (path, os.path.join(path, VERSION)):
-        if os.path.isfile(os.path.join(candidate, METADATA_FILE)):
+        if files.size(os.path.join(candidate, METADATA_FILE)) >= 0:  # (gs:// too)
             return candidate
     raise FileNotFoundError(f"data source {source or path!r}: {path} is not a dataset written by "
                             "python -m llmjax.prepare (no "
@@ -131,18 +131,21 @@ def version_dir(path: str, source: str = "") -> str:
 def read_metadata(path: str, source: str = "") -> dict[str, Any]:
     """llmjax.json of a prepared dataset, with `tokenizer` made a loadable spec."""
     directory = version_dir(path, source)
-    with open(os.path.join(directory, METADATA_FILE)) as f:
-        metadata = json.load(f)
-    if metadata["tokenizer"] != "byte" and not os.path.isabs(metadata["tokenizer"]):
+    metadata = json.loads(files.read_text(os.path.join(directory, METADATA_FILE)))
+    tokenizer_spec = metadata["tokenizer"]
+    if (tokenizer_spec != "byte" and not os.path.isabs(tokenizer_spec)
+            and not files.is_remote(tokenizer_spec)):
         # Stored relative to DIR/NAME, so the dataset can be moved as a whole.
-        metadata["tokenizer"] = os.path.normpath(
-            os.path.join(os.path.dirname(directory), metadata["tokenizer"]))
+        joined = os.path.join(os.path.dirname(directory.rstrip("/")), tokenizer_spec)
+        # (normpath would fold the // of gs://)
+        metadata["tokenizer"] = joined if files.is_remote(joined) else os.path.normpath(joined)
     return metadata
 
 
 def split_names(path: str, source: str = "") -> list[str]:
-    with open(os.path.join(version_dir(path, source), "dataset_info.json")) as f:
-        return [split["name"] for split in json.load(f).get("splits", [])]
+    info = json.loads(files.read_text(os.path.join(version_dir(path, source),
+                                                   "dataset_info.json")))
+    return [split["name"] for split in info.get("splits", [])]
 
 
 def open_split(path: str, split: str = "train", source: str = ""):
