@@ -8,6 +8,8 @@ Reads and cleans every source, drops duplicates, trains a tokenizer if asked (bp
 unigram:N), tokenizes, and writes shuffled array_record shards of a TFDS dataset in
 OUTPUT/1.0.0 (splits train and validation), then OUTPUT/report.json, also printed. A rerun
 with the same arguments and unchanged inputs skips what is done (--force redoes everything).
+--runner=beam runs the same stages as an Apache Beam pipeline (--beam_pipeline_options names
+the runner: Dataflow, Flink, Spark; DirectRunner by default) and writes the same dataset.
 The stages in detail, and the library this command calls: llmjax/data/prepare/__init__.py.
 """
 
