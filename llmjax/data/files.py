@@ -52,6 +52,19 @@ def size(path: str) -> int:
         return -1
 
 
+def version(path: str) -> list[int]:
+    """[bytes, modification time in ns] of `path` ([-1, -1] if it cannot be read): what
+    tells a rerun that a file changed."""
+    try:
+        if is_remote(path):
+            stat = _gfile().stat(path)
+            return [stat.length, stat.mtime_nsec]
+        stat = os.stat(path)
+        return [stat.st_size, stat.st_mtime_ns]
+    except Exception:  # noqa: BLE001 (any failure: unknown; reading it will say why)
+        return [-1, -1]
+
+
 def makedirs(path: str) -> None:
     if is_remote(path):
         _gfile().makedirs(path)

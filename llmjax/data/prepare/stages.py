@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import llmjax.data.prepare.order as order  # (by module path: the package imports run.py)
-from llmjax.data import clean, sources
+from llmjax.data import clean, files, sources
 from llmjax.data.prepare.options import KEPT, Options, stable_hash
 from llmjax.data.sources import SourceSpec
 
@@ -58,20 +58,13 @@ def _unit_size(spec: SourceSpec, unit: str) -> int:
     if spec.kind == "tfds":
         start, stop = (int(x) for x in unit.split("-"))
         return stop - start  # records, not bytes: only the progress bar uses it
-    try:
-        return os.path.getsize(unit)
-    except OSError:
-        return 0
+    return max(files.size(unit), 0)
 
 
 def _unit_version(spec: SourceSpec, unit: str) -> list[int]:
     if spec.kind == "tfds":
         return []
-    try:
-        stat = os.stat(unit)
-        return [stat.st_size, stat.st_mtime_ns]
-    except OSError:
-        return [-1, -1]
+    return files.version(unit)
 
 
 def read_and_clean(indexed_task: tuple[int, dict], *, specs: Sequence[SourceSpec],
