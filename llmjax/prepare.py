@@ -8,6 +8,8 @@ Reads and cleans every source, drops duplicates, trains a tokenizer if asked (bp
 unigram:N), tokenizes, and writes shuffled array_record shards of a TFDS dataset in
 OUTPUT/1.0.0 (splits train and validation), then OUTPUT/report.json, also printed. A rerun
 with the same arguments and unchanged inputs skips what is done (--force redoes everything).
+--runner=beam runs the same stages as an Apache Beam pipeline (--beam_pipeline_options names
+the runner: Dataflow, Flink, Spark; DirectRunner by default) and writes the same dataset.
 The stages in detail, and the library this command calls: llmjax/data/prepare/__init__.py.
 """
 
@@ -48,6 +50,12 @@ flags.DEFINE_integer("seed", Options.seed, "Seed of the shuffle and of the valid
 flags.DEFINE_string("tfds_data_dir", Options.tfds_data_dir, "Where tfds: sources are prepared "
                     "(TFDS default if empty); nothing is downloaded.")
 flags.DEFINE_bool("force", Options.force, "Redo every stage even if its results are there.")
+flags.DEFINE_enum("runner", Options.runner, ["local", "beam"], "local: a pool of worker "
+                  "processes on this machine; beam: an Apache Beam pipeline (the same dataset; "
+                  'needs pip install -e ".[beam]").')
+flags.DEFINE_string("beam_pipeline_options", Options.beam_pipeline_options, "For --runner=beam: "
+                    "Beam's pipeline options, e.g. '--runner=DataflowRunner --project=P "
+                    "--region=R --temp_location=gs://B/tmp' (default: DirectRunner here).")
 
 
 def main(argv: list[str]) -> None:
@@ -64,7 +72,8 @@ def main(argv: list[str]) -> None:
         exact_dedup=FLAGS.exact_dedup, near_duplicate_threshold=FLAGS.near_duplicate_threshold,
         minhash_perms=FLAGS.minhash_perms, validation_fraction=FLAGS.validation_fraction,
         num_shards=FLAGS.num_shards, num_workers=FLAGS.num_workers, seed=FLAGS.seed,
-        tfds_data_dir=FLAGS.tfds_data_dir, force=FLAGS.force)
+        tfds_data_dir=FLAGS.tfds_data_dir, force=FLAGS.force, runner=FLAGS.runner,
+        beam_pipeline_options=FLAGS.beam_pipeline_options)
     report = prepare(options)
     if report.get("up_to_date"):
         print(f"{report['dataset']} is up to date (same arguments and inputs); "

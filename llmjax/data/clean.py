@@ -19,7 +19,7 @@ import hashlib
 import re
 import unicodedata
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -161,36 +161,67 @@ def near_duplicates(signatures: np.ndarray, threshold: float) -> np.ndarray:
 
     `signatures` is [num_docs, num_perm] (from `minhash`), in the order that decides which
     copy survives: the first document of each group of near duplicates is kept. Candidate
-    pairs share an LSH band; a pair counts if its signatures agree in >= `threshold` of
-    places. Groups are closed transitively (A~B and B~C drop B and C).
+    pairs share an LSH band (`bucket_pairs`); a pair counts if its signatures agree in >=
+    `threshold` of places. Groups are closed transitively (A~B and B~C drop B and C:
+    `component_followers`). The Beam pipeline applies the same three functions per bucket.
     """
     num_docs, num_perm = signatures.shape
     bands, rows = lsh_bands(num_perm, threshold)
-    parent = np.arange(num_docs)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
     checked: set[tuple[int, int]] = set()
+    edges: list[tuple[int, int]] = []
     for band in range(bands):
-        keys = signatures[:, band * rows:(band + 1) * rows]
         buckets: dict[bytes, list[int]] = {}
         for doc in range(num_docs):
-            members = buckets.setdefault(keys[doc].tobytes(), [])
-            # A few earlier members per bucket suffice (a bucket of boilerplate copies
-            # would otherwise cost quadratic time); the union-find joins the rest.
-            for other in members[:_MAX_COMPARISONS]:
-                if (other, doc) in checked:
+            buckets.setdefault(band_key(signatures[doc], band, rows), []).append(doc)
+        for members in buckets.values():
+            for earlier, later in bucket_pairs(members):
+                if (earlier, later) in checked:  # met in another band already
                     continue
-                checked.add((other, doc))
-                if np.mean(signatures[other] == signatures[doc]) >= threshold:
-                    a, b = root(other), root(doc)
-                    parent[max(a, b)] = min(a, b)
-            members.append(doc)
-    return np.array([root(i) != i for i in range(num_docs)], bool)
+                checked.add((earlier, later))
+                if similar(signatures[earlier], signatures[later], threshold):
+                    edges.append((earlier, later))
+    followers = component_followers(edges)
+    return np.array([i in followers for i in range(num_docs)], bool)
+
+
+def band_key(signature: np.ndarray, band: int, rows: int) -> bytes:
+    """The LSH bucket of a [num_perm] signature in one band: its `rows` values there."""
+    return signature[band * rows:(band + 1) * rows].tobytes()
+
+
+def bucket_pairs(members: Sequence) -> list[tuple]:
+    """Candidate pairs (earlier, later) of one LSH bucket whose `members` are in document
+    order: each member against the first few before it.
+
+    A few earlier members per bucket suffice (a bucket of boilerplate copies would
+    otherwise cost quadratic time); `component_followers` joins the rest transitively.
+    """
+    return [(members[j], members[i]) for i in range(1, len(members))
+            for j in range(min(i, _MAX_COMPARISONS))]
+
+
+def similar(a: np.ndarray, b: np.ndarray, threshold: float) -> bool:
+    """Whether two MinHash signatures estimate a Jaccard similarity >= threshold."""
+    return bool(np.mean(a == b) >= threshold)
+
+
+def component_followers(edges: Iterable[tuple]) -> set:
+    """The nodes of each connected component of `edges` other than its least one (nodes
+    compare in document order): the near duplicates to drop."""
+    parent: dict = {}
+
+    def root(node):
+        parent.setdefault(node, node)
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for a, b in edges:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {node for node in parent if root(node) != node}
 
 
 def _shingle_hashes(words: Sequence[str], n: int) -> np.ndarray:

@@ -22,10 +22,13 @@ TensorFlow (records are decoded with numpy).
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+from llmjax.data import files
 
 VERSION = "1.0.0"
 METADATA_FILE = "llmjax.json"
@@ -69,19 +72,26 @@ def write_shard(path: str, records: Iterable[dict[str, Any]], feature_spec) -> t
     Returns (number of records, bytes written).
     """
     from array_record.python import array_record_module
+    from tensorflow_datasets.core import example_serializer
 
-    scratch = path + ".incomplete"
+    # array_record writes local files: a shard bound for an object store is made here first.
+    scratch = (os.path.join(tempfile.mkdtemp(), os.path.basename(path)) if files.is_remote(path)
+               else path + ".incomplete")
     # group_size:1 makes every record its own chunk: fastest random access, which is how
     # tfds.data_source and the training loader read.
     writer = array_record_module.ArrayRecordWriter(scratch, "group_size:1")
+    # feature_spec.serialize_example writes the proto's feature map in an order that can
+    # differ between processes; sorted keys make a shard the same bytes on any worker.
+    serializer = example_serializer.ExampleSerializer(feature_spec.get_serialized_info())
     count = num_bytes = 0
     for record in records:
-        serialized = feature_spec.serialize_example(record)
+        serialized = serializer.get_tf_example(feature_spec.encode_example(record)
+                                               ).SerializeToString(deterministic=True)
         writer.write(serialized)
         count += 1
         num_bytes += len(serialized)
     writer.close()
-    os.replace(scratch, path)
+    files.put(scratch, path)
     return count, num_bytes
 
 
@@ -104,15 +114,14 @@ def write_metadata(version_dir: str, name: str, feature_spec,
     tfds.folder_dataset.write_metadata(data_dir=version_dir, features=feature_spec,
                                        split_infos=split_infos, version=VERSION,
                                        check_data=False, description=description)
-    with open(os.path.join(version_dir, METADATA_FILE), "w") as f:
-        json.dump(metadata, f, indent=2)
+    files.write_text(os.path.join(version_dir, METADATA_FILE), json.dumps(metadata, indent=2))
 
 
 def version_dir(path: str, source: str = "") -> str:
     """The TFDS builder directory of a prepared dataset given as DIR/NAME or DIR/NAME/1.0.0."""
-    path = os.path.expanduser(path)
+    path = path if files.is_remote(path) else os.path.expanduser(path)
     for candidate in (path, os.path.join(path, VERSION)):
-        if os.path.isfile(os.path.join(candidate, METADATA_FILE)):
+        if files.size(os.path.join(candidate, METADATA_FILE)) >= 0:  # (gs:// too)
             return candidate
     raise FileNotFoundError(f"data source {source or path!r}: {path} is not a dataset written by "
                             "python -m llmjax.prepare (no "
@@ -122,18 +131,21 @@ def version_dir(path: str, source: str = "") -> str:
 def read_metadata(path: str, source: str = "") -> dict[str, Any]:
     """llmjax.json of a prepared dataset, with `tokenizer` made a loadable spec."""
     directory = version_dir(path, source)
-    with open(os.path.join(directory, METADATA_FILE)) as f:
-        metadata = json.load(f)
-    if metadata["tokenizer"] != "byte" and not os.path.isabs(metadata["tokenizer"]):
+    metadata = json.loads(files.read_text(os.path.join(directory, METADATA_FILE)))
+    tokenizer_spec = metadata["tokenizer"]
+    if (tokenizer_spec != "byte" and not os.path.isabs(tokenizer_spec)
+            and not files.is_remote(tokenizer_spec)):
         # Stored relative to DIR/NAME, so the dataset can be moved as a whole.
-        metadata["tokenizer"] = os.path.normpath(
-            os.path.join(os.path.dirname(directory), metadata["tokenizer"]))
+        joined = os.path.join(os.path.dirname(directory.rstrip("/")), tokenizer_spec)
+        # (normpath would fold the // of gs://)
+        metadata["tokenizer"] = joined if files.is_remote(joined) else os.path.normpath(joined)
     return metadata
 
 
 def split_names(path: str, source: str = "") -> list[str]:
-    with open(os.path.join(version_dir(path, source), "dataset_info.json")) as f:
-        return [split["name"] for split in json.load(f).get("splits", [])]
+    info = json.loads(files.read_text(os.path.join(version_dir(path, source),
+                                                   "dataset_info.json")))
+    return [split["name"] for split in info.get("splits", [])]
 
 
 def open_split(path: str, split: str = "train", source: str = ""):

@@ -22,13 +22,14 @@ Several sources with weights form a mixture: `prepared:/data/web=0.7,jsonl:/data
 """
 
 import dataclasses
-import glob
 import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from llmjax.data import files
 
 BUNDLED_DIR = Path(__file__).parent
 BUNDLED_CORPORA = ("shakespeare",)
@@ -318,7 +319,7 @@ def split_scenes(play: str) -> list[str]:
 
 def _glob_files(source: str, pattern: str) -> list[str]:
     expanded = os.path.expanduser(pattern)
-    paths = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+    paths = files.glob(expanded)
     if not paths:
         raise FileNotFoundError(f"data source {source!r}: no file matches {expanded!r}; "
                                 "check the path (globs like dir/**/*.txt are allowed)")
@@ -327,7 +328,7 @@ def _glob_files(source: str, pattern: str) -> list[str]:
 
 def _read_bytes(path: str, on_bad: OnBad) -> bytes | None:
     try:
-        with open(path, "rb") as f:
+        with files.open_file(path, "rb") as f:
             return f.read()
     except OSError as e:
         on_bad(UNREADABLE, path, f"cannot be read ({e.strerror or e})")
@@ -344,7 +345,7 @@ def _decode(data: bytes, where: str, on_bad: OnBad) -> str | None:
 
 def _iter_jsonl(spec: SourceSpec, path: str, on_bad: OnBad) -> Iterator[Document]:
     try:
-        f = open(path, "rb")  # noqa: SIM115 (closed below; per-line decoding needs bytes)
+        f = files.open_file(path, "rb")  # closed below; per-line decoding needs bytes
     except OSError as e:
         on_bad(UNREADABLE, path, f"cannot be read ({e.strerror or e})")
         return
@@ -368,7 +369,7 @@ def _iter_parquet(spec: SourceSpec, path: str, on_bad: OnBad) -> Iterator[Docume
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(files.open_file(path, "rb") if files.is_remote(path) else path)
         names = set(parquet.schema_arrow.names)
     except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) on garbage
         on_bad(UNREADABLE, path, f"is not a readable Parquet file ({str(e)[:120]})")

@@ -192,8 +192,12 @@ def save_trained(raw: _RustTokenizer, directory: str) -> None:
 
     Written to a scratch directory and renamed into place, so a process killed mid-save
     never leaves a half-written tokenizer that a later run would take as complete. If the
-    directory appeared meanwhile (another process, same workdir), theirs is kept.
+    directory appeared meanwhile (another process, same workdir), theirs is kept. An
+    object-store directory (gs://) gets the files one by one, a completion marker last.
     """
+    if _is_remote(directory):
+        _upload_trained(raw, directory)
+        return
     import transformers
 
     hf_tokenizer = transformers.PreTrainedTokenizerFast(

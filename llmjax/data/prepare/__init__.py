@@ -4,7 +4,8 @@
     python -m llmjax.train --config=configs/shakespeare.py \\
         --config.data.train=prepared:data/my_corpus
 
-Stages (each shows progress with counts/s and ETA, and uses every core):
+Stages (each shows progress with counts/s and ETA, and uses every core; --runner=beam runs
+them on a Beam runner instead, see beam.py):
 
     1. read + clean   every input file (or TFDS record range), in parallel: Unicode
                       normalisation, control characters removed, length and repetition
@@ -29,11 +30,15 @@ Python, `prepare(Options(sources=(...,), output=...))` returns the report and
 `format_report(report)` renders it as the table the command prints.
 
     options.py  Options, the names of what is written, stamps and keys of finished work
+    order.py    which document goes where (document keys, shuffle, split, tokenizer sample,
+                shards): the rules both runners apply
     run.py      prepare(): the stages in order, skipping finished ones
     stages.py   1. read + clean, 2. deduplicate and split
     tokens.py   3. tokenizer, 4. tokenize, 5. write the shards
     pool.py     the worker pool (fork or spawn) and progress bars
     report.py   the report and its table
+    beam.py     --runner=beam: the same stages as an Apache Beam pipeline (Dataflow, Flink,
+                Spark, DirectRunner), the same dataset; beam_steps.py: its per-element steps
 """
 
 from llmjax.data.prepare.options import KEPT, REPORT_FILE, STAMP_FILE, WORK_SUBDIR, Options

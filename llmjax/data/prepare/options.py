@@ -30,11 +30,13 @@ class Options:
     seed: int = 0
     tfds_data_dir: str = ""
     force: bool = False
+    runner: str = "local"  # or "beam" (llmjax.data.prepare.beam)
+    beam_pipeline_options: str = ""  # for --runner=beam: Beam's own flags, space-separated
 
     def stamp(self) -> dict[str, Any]:
         """What, if unchanged (with the inputs), makes a rerun's result the same."""
         fields = dataclasses.asdict(self)
-        for key in ("num_workers", "force"):  # how, not what
+        for key in ("num_workers", "force", "runner", "beam_pipeline_options"):  # how, not what
             fields.pop(key)
         return fields
 

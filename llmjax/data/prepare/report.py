@@ -14,12 +14,8 @@ from llmjax.data.prepare.options import KEPT, Options
 def build_report(options: Options, output: str, tasks, summaries, reasons, splits,
                  token_counts, written, tokenizer_spec: str, seconds: dict[str, float],
                  cached: dict[str, str]) -> dict[str, Any]:
-    """The report (JSON-able) from every stage's results."""
-    by_reason: dict[str, dict[str, int]] = defaultdict(lambda: {"documents": 0, "bytes": 0,
-                                                                 "tokens": 0})
-    for reason in (*sources.BAD_INPUT_REASONS, *clean.FILTER_REASONS, clean.EXACT_DUPLICATE,
-                   clean.NEAR_DUPLICATE):  # every reason in the report, even at zero
-        by_reason[reason]
+    """The report (JSON-able) from every stage's results (the local pool's)."""
+    by_reason = reason_table()
     bad_files: dict[str, dict[str, Any]] = {}
     for summary, task_reasons, counts in zip(summaries, reasons, token_counts, strict=True):
         for reason, num_bytes in zip(task_reasons, summary["bytes"], strict=True):
@@ -27,25 +23,48 @@ def build_report(options: Options, output: str, tasks, summaries, reasons, split
             by_reason[reason]["bytes"] += int(num_bytes)
         for reason, tokens in counts["tokens_by_reason"].items():
             by_reason[reason]["tokens"] += tokens
-        for label, entry in summary["bad"].items():
-            bad_files[label] = entry
-            for reason, count in entry["counts"].items():
-                by_reason[reason]["documents"] += count
+        bad_files.update(summary["bad"])
+    return assemble_report(
+        options, output, by_reason, bad_files, len(tasks),
+        int(sum(s["control_removed"] for s in summaries)), written, tokenizer_spec, seconds,
+        cached)
+
+
+def reason_table() -> dict[str, dict[str, int]]:
+    """{reason: {"documents", "bytes", "tokens"}} at zero, every reason listed (in the
+    report's order), and any other (`kept`) added on first use."""
+    by_reason: dict[str, dict[str, int]] = defaultdict(lambda: {"documents": 0, "bytes": 0,
+                                                                 "tokens": 0})
+    for reason in (*sources.BAD_INPUT_REASONS, *clean.FILTER_REASONS, clean.EXACT_DUPLICATE,
+                   clean.NEAR_DUPLICATE):  # every reason in the report, even at zero
+        by_reason[reason]
+    return by_reason
+
+
+def assemble_report(options: Options, output: str, by_reason: dict[str, dict[str, int]],
+                    bad_files: dict[str, dict[str, Any]], num_tasks: int, control_removed: int,
+                    written, tokenizer_spec: str, seconds: dict[str, float],
+                    cached: dict[str, str]) -> dict[str, Any]:
+    """The report from the totals: `by_reason` counts the documents read (bad input not
+    yet), `bad_files` is {label: {"counts", "examples"}} in input order."""
+    for entry in bad_files.values():
+        for reason, count in entry["counts"].items():
+            by_reason[reason]["documents"] += count
     kept = by_reason.pop(KEPT, {"documents": 0, "bytes": 0, "tokens": 0})
     records_read = sum(v["documents"] for v in by_reason.values()) + kept["documents"]
+    input_bytes = sum(v["bytes"] for v in by_reason.values()) + kept["bytes"]
     return {
         "output": output,
         "dataset": os.path.join(output, prepared.VERSION),
         "tokenizer": tokenizer_spec,
         "sources": list(options.sources),
-        "input": {"tasks": len(tasks), "records": records_read,
-                  "bytes": int(sum(int(s["bytes"].sum()) for s in summaries))},
+        "input": {"tasks": num_tasks, "records": records_read, "bytes": input_bytes},
         "kept": {**kept, "splits": {split: {k: info[k] for k in ("documents", "tokens",
                                                                   "shards", "bytes")}
                                     for split, info in written.items()}},
         "dropped": dict(by_reason),
         "bad_input": bad_files,
-        "control_characters_removed": int(sum(s["control_removed"] for s in summaries)),
+        "control_characters_removed": control_removed,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "cached": cached,
         "options": {k: v for k, v in options.stamp().items() if k not in ("sources",)},

@@ -28,7 +28,10 @@ from llmjax.data.tokenizer import fingerprint, load_tokenizer
 
 
 def prepare(options: Options, show_progress: bool = True) -> dict[str, Any]:
-    """Runs every stage (skipping finished ones); returns the report (also saved as JSON)."""
+    """Runs every stage (skipping finished ones); returns the report (also saved as JSON).
+
+    `options.runner="beam"` runs them as an Apache Beam pipeline instead (beam.py): the same
+    dataset, on whichever Beam runner `options.beam_pipeline_options` names."""
     started = time.perf_counter()
     name = prepared.check_name(options.output)
     specs = [sources.parse_source(s, "--source") for s in options.sources]
@@ -41,6 +44,12 @@ def prepare(options: Options, show_progress: bool = True) -> dict[str, Any]:
     if not 0 <= options.validation_fraction < 1:
         raise ValueError(f"--validation_fraction={options.validation_fraction} must be in "
                          "[0, 1)")
+    if options.runner == "beam":
+        from llmjax.data.prepare.beam import prepare_with_beam  # needs apache_beam
+
+        return prepare_with_beam(options, specs, name)
+    if options.runner != "local":
+        raise ValueError(f"--runner={options.runner!r} is not local or beam")
     output = os.path.abspath(os.path.expanduser(options.output))
     work = os.path.join(output, WORK_SUBDIR)
     data_dir = options.tfds_data_dir or None
@@ -80,7 +89,7 @@ def prepare(options: Options, show_progress: bool = True) -> dict[str, Any]:
         # 2. deduplicate, then pick the validation documents
         clock = time.perf_counter()
         reasons = stages.deduplicate(summaries, options)
-        splits = stages.assign_splits(reasons, options)
+        splits = stages.assign_splits(summaries, reasons, options)
         seconds["dedup"] = time.perf_counter() - clock
 
         # 3. tokenizer
@@ -118,20 +127,8 @@ def prepare(options: Options, show_progress: bool = True) -> dict[str, Any]:
         os.makedirs(version_dir)
         written = tokens.write_splits(pool, options, name, version_dir, token_counts, splits,
                                       tokenizer.vocab_size, show_progress)
-        metadata = {
-            "tokenizer": (tokenizer_spec if tokenizer_spec == "byte" or not
-                          tokenizer_spec.startswith(output + os.sep)
-                          else os.path.relpath(tokenizer_spec, output)),
-            "tokenizer_fingerprint": tokenizer_fingerprint,
-            "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
-            "eos_id": tokenizer.eos_id, "sources": list(options.sources),
-            "splits": {split: {"documents": info["documents"], "tokens": info["tokens"]}
-                       for split, info in written.items()},
-        }
-        prepared.write_metadata(
-            version_dir, name, prepared.features(tokenizer.vocab_size),
-            {split: (info["shard_lengths"], info["bytes"]) for split, info in written.items()},
-            metadata, description=f"Prepared by llmjax.prepare from {', '.join(options.sources)}")
+        tokens.write_metadata(options, output, name, version_dir, tokenizer_spec, tokenizer,
+                              written)
         seconds["write"] = time.perf_counter() - clock
 
     seconds["total"] = time.perf_counter() - started

@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
+import llmjax.data.prepare.order as order  # (by module path: the package imports run.py)
 from llmjax.data import prepared, sources
 from llmjax.data.documents import tokenize_documents
 from llmjax.data.prepare.options import KEPT, WORK_SUBDIR, Options, read_json, stable_hash
 from llmjax.data.prepare.pool import progress_bar
 from llmjax.data.prepare.stages import load_cleaned
-from llmjax.data.tokenizer import load_tokenizer, save_trained, train_tokenizer
+from llmjax.data.tokenizer import fingerprint, load_tokenizer, save_trained, train_tokenizer
 
 # ---------------------------------------------------------------- 3. tokenizer
 
@@ -40,8 +41,12 @@ def find_or_train_tokenizer(options: Options, output: str, summaries: Sequence[d
         return os.path.abspath(os.path.expanduser(spec)), True
     kind, _, size = spec.partition(":")
     directory = os.path.join(output, prepared.TOKENIZER_SUBDIR)
+    train = sorted(splits["train"])  # document order
+    rate = order.tokenizer_sample_rate(sum(int(summaries[t]["bytes"][d]) for t, d in train))
+    sample = [(t, d) for t, d in train
+              if order.in_tokenizer_sample(options.seed, summaries[t]["doc_keys"][d], rate)]
     train_keys = hashlib.sha256()
-    for t, d in sorted(splits["train"]):
+    for t, d in sample:
         train_keys.update(summaries[t]["exact_keys"][d])
     stamp = {"tokenizer": spec, "documents": train_keys.hexdigest()}
     stamp_path = directory + ".stamp.json"
@@ -50,7 +55,7 @@ def find_or_train_tokenizer(options: Options, output: str, summaries: Sequence[d
     shutil.rmtree(directory, ignore_errors=True)
 
     by_task: dict[int, list[int]] = defaultdict(list)
-    for t, d in sorted(splits["train"]):
+    for t, d in sample:
         by_task[t].append(d)
 
     def texts():
@@ -60,9 +65,9 @@ def find_or_train_tokenizer(options: Options, output: str, summaries: Sequence[d
                 yield sources.document_text(documents[d])
 
     if show_progress:
-        print(f"tokenizer: training {spec} on {len(splits['train']):,} documents",
+        print(f"tokenizer: training {spec} on {len(sample):,} documents",
               file=sys.stderr, flush=True)
-    raw = train_tokenizer(kind, texts(), int(size), length=len(splits["train"]))
+    raw = train_tokenizer(kind, texts(), int(size), length=len(sample))
     save_trained(raw, directory)
     with open(stamp_path, "w") as f:
         json.dump(stamp, f)
@@ -153,8 +158,6 @@ def _tokens(token_doc: Any) -> np.ndarray:
 
 # ---------------------------------------------------------------- 5. write
 
-_SHARD_BYTES = 256 << 20  # train shards are about this size (at least one per worker)
-
 def write_splits(pool, options: Options, name: str, version_dir: str,
                  token_counts: Sequence[dict], splits: dict[str, list], vocab_size: int,
                  show_progress: bool) -> dict[str, dict[str, Any]]:
@@ -170,11 +173,9 @@ def write_splits(pool, options: Options, name: str, version_dir: str,
         locations = [position[m] for m in members]
         num_tokens = _count_tokens(locations, version_dir)
         dtype_bytes = np.dtype(prepared.token_dtype(vocab_size)).itemsize
-        num_shards = options.num_shards if split == "train" and options.num_shards else max(
-            1 if split != "train" else (options.num_workers or os.cpu_count() or 1),
-            -(-num_tokens * dtype_bytes // _SHARD_BYTES))
-        num_shards = min(num_shards, len(locations))
-        bounds = np.linspace(0, len(locations), num_shards + 1).astype(int)
+        num_shards = order.num_shards(split, len(locations), num_tokens, dtype_bytes, options,
+                                      min_train_shards=options.num_workers or os.cpu_count() or 1)
+        bounds = order.shard_bounds(len(locations), num_shards)
         work = os.path.join(os.path.dirname(version_dir), WORK_SUBDIR)
         jobs = [(os.path.join(version_dir, prepared.shard_filename(name, split, i, num_shards)),
                  locations[bounds[i]:bounds[i + 1]], work, vocab_size)
@@ -217,3 +218,22 @@ def _write_shard(job: tuple[str, list[tuple[str, int]], str, int]) -> tuple[int,
 
     count, num_bytes = prepared.write_shard(path, records(), prepared.features(vocab_size))
     return count, num_bytes, num_tokens
+
+
+def write_metadata(options: Options, output: str, name: str, version_dir: str,
+                   tokenizer_spec: str, tokenizer, written: dict[str, dict[str, Any]]) -> None:
+    """The dataset's TFDS metadata and llmjax.json (which tokenizer, what each split holds)."""
+    metadata = {
+        "tokenizer": (tokenizer_spec if tokenizer_spec == "byte" or not
+                      tokenizer_spec.startswith(output.rstrip("/") + "/")
+                      else os.path.relpath(tokenizer_spec, output)),
+        "tokenizer_fingerprint": fingerprint(tokenizer),
+        "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id, "sources": list(options.sources),
+        "splits": {split: {"documents": info["documents"], "tokens": info["tokens"]}
+                   for split, info in written.items()},
+    }
+    prepared.write_metadata(
+        version_dir, name, prepared.features(tokenizer.vocab_size),
+        {split: (info["shard_lengths"], info["bytes"]) for split, info in written.items()},
+        metadata, description=f"Prepared by llmjax.prepare from {', '.join(options.sources)}")
