@@ -4,8 +4,8 @@ Every model answers `model.classify(tokens, positions, segment_ids)` -> class lo
 [batch, num_labels] (models with `num_labels` > 0; BERT always) and
 `model.hidden_states(...)` -> its final layer's output; a decoder's `model(tokens,
 positions, segment_ids)` -> next-token logits [batch, length, vocab]; BERT's
-`model.masked_lm_logits(...)` -> logits [batch, length, vocab] of the token at each position. What a call returns
-never depends on the config.
+`model.masked_lm_logits(...)` -> logits [batch, length, vocab] of the token at each
+position. What a call returns never depends on the config.
 """
 
 import dataclasses

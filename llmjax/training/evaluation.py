@@ -2,7 +2,8 @@
 
 `evaluate` receives a step, not a config: anything that maps a placed global batch to
 the sums of llmjax.training.step.eval_step (`loss_sum`, `tokens`, and for
-classification `predictions`, for a masked LM `correct`) can be evaluated, the train loop's and a restored run's alike.
+classification `predictions`, for a masked LM `correct`) can be evaluated, the train
+loop's and a restored run's alike.
 """
 
 import json

@@ -235,7 +235,8 @@ def initial_state(run: Run, frozen: Any) -> TrainState:
                 p, run.frozen.axes, config.lora, config.seed)[0], tx),
                 out_shardings=shardings)(frozen)
         if config.init_from:
-            params = init_from.load_params(config.init_from, run.model_cfg, shardings.params)
+            params = init_from.load_params(config.init_from, run.model_cfg, shardings.params,
+                                           init_from.fresh_heads(config), config.seed)
             return jax.jit(lambda p: state_from_params(p, tx), donate_argnums=0,
                            out_shardings=shardings)(params)
         return jax.jit(lambda: state_from_params(init_params(run.model_cfg, config.seed), tx),
