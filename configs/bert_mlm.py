@@ -2,8 +2,11 @@
 
 Run:      python -m llmjax.train --config=configs/bert_mlm.py
 Hardware: any CPU (2 cores is enough); also runs as-is on one GPU or TPU.
-Expect:   MEASURED_TIME; held-out masked accuracy MEASURED_ACCURACY (eval/masked_accuracy:
-          the share of the 15% chosen tokens predicted exactly).
+Expect:   held-out eval/masked_accuracy 0.122 at step 300 (the share of the masked tokens
+          predicted exactly; 0.112 at step 100), eval/loss 5.86 (untrained: ln 2048 = 7.6).
+          Measured once: 14 minutes wall on a shared 2-core AMD EPYC machine under load
+          from other jobs (the run itself used 3.4 CPU-minutes user + 0.8 system, so a
+          few minutes on two free cores; the first step, compilation included, took 98 s).
 
 Then fine-tune a classifier from it: the encoder comes from the run, the pooler and
 classifier start fresh, the tokenizer is the run's (llmjax.training.init_from):
