@@ -13,6 +13,9 @@ classifier start fresh, the tokenizer is the run's (llmjax.training.init_from):
           python -m llmjax.train --config=configs/bert_sentiment.py:tiny \\
               --workdir=runs/bert_sentiment_pretrained --config.init_from=runs/bert_mlm \\
               --config.data.tokenizer=runs/bert_mlm/tokenizer
+held-out accuracy 1.000 at step 60 of 60 (0.992 at step 20); the same model and tokenizer
+from scratch: 0.992 (1.000 at step 20, 0.958 at step 40) on bundled:sentiment, which is
+too easy to show more (measured once each, same machine; commands in README.md).
 
 `:tiny` (get_config("tiny")): a 2-layer encoder for a few steps, for tests.
 """

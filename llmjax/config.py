@@ -191,7 +191,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if int(stop.patience) < 0 or (int(stop.patience) and not stop.metric):
         raise ValueError("config.early_stopping.patience must be >= 0 and needs "
                          "config.early_stopping.metric (e.g. eval/loss)")
-    mlm = config.mlm
+    mlm = config.get("mlm") or base_config().mlm  # a config.json from before the section
     if not 0.0 < mlm.mask_rate <= 1.0:
         raise ValueError(f"config.mlm.mask_rate={mlm.mask_rate} must be in (0, 1]")
     if (min(mlm.mask_token_share, mlm.random_token_share) < 0

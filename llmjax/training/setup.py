@@ -178,7 +178,7 @@ def assemble(config: ml_collections.ConfigDict, vocab_size: int = 0,
     check_positions(config.seq_len, model_cfg)
     if config.task == "mlm" and config.mlm.mask_id < 0 and mask_id is not None:
         config.mlm.mask_id = mask_id  # the tokenizer's: config.json says it
-    task = make_task(config.task, config.mlm, model_cfg.vocab_size)
+    task = make_task(config.task, config.get("mlm"), model_cfg.vocab_size)
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.logical_axis_rules(config.mesh.rules)
     schedule = optimizer.learning_rate_schedule(config.optimizer, config.num_train_steps)
