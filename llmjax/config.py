@@ -15,7 +15,7 @@ import ml_collections
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd", "rsqrt")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
-TASKS = ("lm", "classify")
+TASKS = ("lm", "classify", "mlm")
 PACKINGS = ("first_fit", "concat")
 NAN_POLICIES = ("stop", "skip_step")  # llmjax.training.nonfinite
 
@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device (measure it on CPU)
     c.init_from = ""  # HF model dir or llmjax workdir: its architecture and weights (llmjax.hf)
     c.task = "lm"  # lm (next token) | classify (sequence labels: llmjax.data.classify)
+    #              | mlm (masked tokens, BERT: llmjax.training.masking)
     c.nan_policy = "stop"  # a NaN/inf loss or gradient norm: stop | skip_step (drop, count)
 
     c.data = ml_collections.ConfigDict()
@@ -95,6 +96,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.dcn_sequence = 1
     c.mesh.dcn_tensor = 1
     c.mesh.rules = "fsdp+tp"
+
+    c.mlm = ml_collections.ConfigDict()  # task "mlm" (llmjax.training.masking)
+    c.mlm.mask_rate = 0.15  # share of the maskable tokens (not special, not padding) predicted
+    c.mlm.mask_token_share = 0.8  # of those: replaced by the mask token,
+    c.mlm.random_token_share = 0.1  # by a random token; the rest are kept as they are
+    c.mlm.mask_id = -1  # -1: the tokenizer's mask token (config.json records the id)
 
     c.lora = ml_collections.ConfigDict()  # llmjax.training.lora
     c.lora.rank = 0  # 0: train every parameter; > 0: adapters of this rank, the rest frozen
@@ -191,6 +198,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if int(stop.patience) < 0 or (int(stop.patience) and not stop.metric):
         raise ValueError("config.early_stopping.patience must be >= 0 and needs "
                          "config.early_stopping.metric (e.g. eval/loss)")
+    mlm = config.get("mlm") or base_config().mlm  # a config.json from before the section
+    if not 0.0 < mlm.mask_rate <= 1.0:
+        raise ValueError(f"config.mlm.mask_rate={mlm.mask_rate} must be in (0, 1]")
+    if (min(mlm.mask_token_share, mlm.random_token_share) < 0
+            or mlm.mask_token_share + mlm.random_token_share > 1.0):
+        raise ValueError(f"config.mlm.mask_token_share={mlm.mask_token_share} and "
+                         f"random_token_share={mlm.random_token_share} must be >= 0 and add "
+                         "up to at most 1 (the rest of the masked tokens are kept)")
     if not 0.0 <= config.data.eval_fraction < 1.0:
         raise ValueError(f"config.data.eval_fraction={config.data.eval_fraction} must be in [0, 1)")
     if not config.data.eval and config.data.eval_fraction == 0.0:
@@ -216,13 +231,20 @@ def check_logging(settings: ml_collections.ConfigDict) -> None:
 
 def check_task(task: str, model_cfg: Any) -> None:
     """ValueError unless the model can be trained for `task`: next-token logits for "lm"
-    (a decoder without a classifier head), a classifier head for "classify"."""
-    from llmjax.models import DECODERS, family_of
+    (a decoder without a classifier head), a classifier head for "classify", a masked-LM
+    head (BERT) for "mlm"."""
+    from llmjax.models import DECODERS, MASKED_LMS, family_of
 
     num_labels = getattr(model_cfg, "num_labels", 0)
-    if task == "lm" and (family_of(model_cfg) not in DECODERS or num_labels):
-        raise ValueError(f"config.model.family={family_of(model_cfg)!r} with num_labels="
-                         f"{num_labels} is a classifier: set config.task=classify")
+    family = family_of(model_cfg)
+    if task == "lm" and (family not in DECODERS or num_labels):
+        hint = " (or mlm: masked-LM pretraining)" if family in MASKED_LMS else ""
+        raise ValueError(f"config.model.family={family!r} with num_labels="
+                         f"{num_labels} is a classifier: set config.task=classify{hint}")
+    if task == "mlm" and family not in MASKED_LMS:
+        raise ValueError(f"config.task=mlm needs an encoder (config.model.family one of "
+                         f"{', '.join(MASKED_LMS)}); a decoder {family!r} trains with "
+                         "config.task=lm")
     if task == "classify" and not num_labels:
         raise ValueError("config.task=classify needs config.model.num_labels > 0")
 

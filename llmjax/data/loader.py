@@ -39,9 +39,12 @@ class _Opened:
 
 
 def build(data: ml_collections.ConfigDict, *, seed: int, seq_len: int, global_batch_size: int,
-          eval_batches: int, workdir: str, process_index: int = 0, process_count: int = 1
+          eval_batches: int, workdir: str, process_index: int = 0, process_count: int = 1,
+          mask_token: bool = False
           ) -> tuple[Tokenizer, pipeline.DataIterator, list[dict[str, np.ndarray]]]:
-    """(tokenizer, training iterator, eval batches) for this process, from `config.data`."""
+    """(tokenizer, training iterator, eval batches) for this process, from `config.data`.
+
+    `mask_token`: a `bpe:N` tokenizer trained now gets a mask token (masked-LM runs)."""
     data_dir = data.tfds_data_dir or None
     train = [_open(spec, weight, data_dir)
              for spec, weight in sources.parse_mixture(data.train, "config.data.train")]
@@ -55,7 +58,7 @@ def build(data: ml_collections.ConfigDict, *, seed: int, seq_len: int, global_ba
         evaluation = _held_out(train[0], data.eval_fraction, seed, data_dir)
 
     tokenizer = _tokenizer(data.tokenizer, [*train, evaluation], workdir, process_index,
-                           process_count)
+                           process_count, mask_token)
     token_sources = [pipeline.TokenSource(o.spec.text, _token_records(o, tokenizer), o.weight)
                      for o in train]
     train_iter = pipeline.make_mixture_iterator(
@@ -107,7 +110,7 @@ def _with_split(spec: SourceSpec, split: str) -> str:
 
 
 def _tokenizer(spec: str, opened: list[_Opened], workdir: str, process_index: int,
-               process_count: int) -> Tokenizer:
+               process_count: int, mask_token: bool = False) -> Tokenizer:
     made_with = {o.metadata["tokenizer_fingerprint"]: (o.metadata["tokenizer"],
                                                        f"{o.spec.kind}:{o.spec.location}")
                  for o in opened if o.metadata is not None}
@@ -138,15 +141,15 @@ def _tokenizer(spec: str, opened: list[_Opened], workdir: str, process_index: in
             texts += [sources.document_text(_tfds_document(o.spec, o.records[i], i))
                       for i in range(min(len(o.records), TOKENIZER_SAMPLE_DOCUMENTS))]
     if process_count == 1:
-        return load_tokenizer(spec, texts, workdir)
+        return load_tokenizer(spec, texts, workdir, mask_token)
     from jax.experimental import multihost_utils
 
     # Process 0 trains and saves a `bpe:` tokenizer; the others then load the same files.
     if process_index == 0:
-        tokenizer = load_tokenizer(spec, texts, workdir)
+        tokenizer = load_tokenizer(spec, texts, workdir, mask_token)
     multihost_utils.sync_global_devices("llmjax.data tokenizer")
     if process_index != 0:
-        tokenizer = load_tokenizer(spec, texts, workdir)
+        tokenizer = load_tokenizer(spec, texts, workdir, mask_token)
     return tokenizer
 
 

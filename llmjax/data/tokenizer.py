@@ -5,7 +5,8 @@
     DIR          a directory that `transformers.AutoTokenizer` loads (never downloaded)
     bpe:N        a byte-level BPE with vocabulary N, trained on `documents` with the `tokenizers`
                  library and saved to `{workdir}/tokenizer/`; a resumed run loads that directory
-                 instead of retraining, so token ids never change mid-run
+                 instead of retraining, so token ids never change mid-run. With `mask_token`
+                 (masked-LM runs) it also has <mask>, id 3
     byte         UTF-8 bytes, no training: ids 0/1/2 are pad/bos/eos, byte b is id b + 3
 
 DIR and the workdir may be object-store URLs (gs://...): a trained tokenizer is written
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # imported where used: 2 to 4 s that a byte-tokenizer run nev
 # pipeline pads with zeros, so a padded position then also holds the pad id.
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
+MASK_TOKEN = "<mask>"  # after the three, in tokenizers trained for masked-LM runs
 TOKENIZER_SUBDIR = "tokenizer"
 TRAINABLE = ("bpe", "unigram")  # what `train_tokenizer` (and `llmjax.prepare`) can train
 REMOTE_COMPLETE = "llmjax_tokenizer_complete"  # written last into a remote tokenizer directory
@@ -45,6 +47,8 @@ class Tokenizer:
     Attributes:
       vocab_size: rows the model's embedding needs (every id produced is < vocab_size).
       bos_id, eos_id, pad_id: ids of the special tokens.
+      mask_id: the id of the mask token ([MASK]) of masked-LM training; None if it has none.
+      special_ids: every id that stands for a special token, not text.
       hf_tokenizer: the underlying `transformers` tokenizer, for saving beside an exported
         model; None for the byte tokenizer.
       source: where it came from (a directory, trained for this run, built in), for the
@@ -55,8 +59,16 @@ class Tokenizer:
     bos_id: int
     eos_id: int
     pad_id: int
+    mask_id: int | None = None
     hf_tokenizer: transformers.PreTrainedTokenizerBase | None = None
     source: str = ""
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        ids = {self.bos_id, self.eos_id, self.pad_id, self.mask_id}
+        if self.hf_tokenizer is not None:
+            ids.update(self.hf_tokenizer.all_special_ids)
+        return tuple(sorted(i for i in ids if i is not None))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without special tokens."""
@@ -109,6 +121,7 @@ class HuggingFaceTokenizer(Tokenizer):
         bos_id = hf_tokenizer.cls_token_id if bos_id is None else bos_id
         self.bos_id = eos_id if bos_id is None else bos_id
         self.pad_id = eos_id if pad_id is None else pad_id
+        self.mask_id = hf_tokenizer.mask_token_id
         self._backend: _RustTokenizer | None = getattr(hf_tokenizer, "backend_tokenizer", None)
         self.source = f"from {spec}"  # a directory; bpe: and prepared datasets say more
 
@@ -127,11 +140,12 @@ class HuggingFaceTokenizer(Tokenizer):
 
 
 def load_tokenizer(spec: str, documents: Sequence[str] | None = None,
-                   workdir: str | None = None) -> Tokenizer:
+                   workdir: str | None = None, mask_token: bool = False) -> Tokenizer:
     """The tokenizer named by `spec` (see the module docstring).
 
-    `documents` (the training text) and `workdir` are used by `bpe:N` only. Raises
-    ValueError naming `spec` if it is none of the three forms.
+    `documents` (the training text) and `workdir` are used by `bpe:N` only, as is
+    `mask_token` (train it with <mask>). Raises ValueError naming `spec` if it is none of
+    the three forms.
     """
     if spec == "byte":
         return ByteTokenizer()
@@ -143,7 +157,7 @@ def load_tokenizer(spec: str, documents: Sequence[str] | None = None,
         if workdir is None:
             raise ValueError(f"data.tokenizer={spec!r} needs a workdir to save the trained "
                              "tokenizer in")
-        return _load_or_train_bpe(spec, int(vocab_size), documents, workdir)
+        return _load_or_train_bpe(spec, int(vocab_size), documents, workdir, mask_token)
     if _is_remote(spec):
         return _load_remote_directory(spec, spec)
     if os.path.isdir(os.path.expanduser(spec)):
@@ -153,15 +167,17 @@ def load_tokenizer(spec: str, documents: Sequence[str] | None = None,
                      "those two")
 
 
-def train_bpe(documents: Iterable[str], vocab_size: int,
-              length: int | None = None) -> _RustTokenizer:
-    """Trains a byte-level BPE (GPT-2 style pre-tokenization) with pad/bos/eos as ids 0/1/2."""
-    return train_tokenizer("bpe", documents, vocab_size, length)
+def train_bpe(documents: Iterable[str], vocab_size: int, length: int | None = None,
+              mask_token: bool = False) -> _RustTokenizer:
+    """Trains a byte-level BPE (GPT-2 style pre-tokenization) with pad/bos/eos as ids 0/1/2
+    (and <mask> as id 3 with `mask_token`)."""
+    return train_tokenizer("bpe", documents, vocab_size, length, mask_token)
 
 
 def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int,
-                    length: int | None = None) -> _RustTokenizer:
-    """Trains a byte-level `bpe` or `unigram` tokenizer with pad/bos/eos as ids 0/1/2.
+                    length: int | None = None, mask_token: bool = False) -> _RustTokenizer:
+    """Trains a byte-level `bpe` or `unigram` tokenizer with pad/bos/eos as ids 0/1/2
+    (and <mask> as id 3 with `mask_token`).
 
     Both see text as UTF-8 bytes first (GPT-2 style pre-tokenization), so any later text
     encodes without an unknown token. `documents` may be a one-pass iterator; `length`
@@ -172,12 +188,13 @@ def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int,
     tokenizer.decoder = decoders.ByteLevel()
     # All 256 bytes, seen or not, so any later text encodes without an unknown token.
     alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = [*SPECIAL_TOKENS, MASK_TOKEN] if mask_token else list(SPECIAL_TOKENS)
     if kind == "bpe":
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                       initial_alphabet=alphabet, show_progress=False)
     elif kind == "unigram":
         trainer = trainers.UnigramTrainer(vocab_size=vocab_size,
-                                          special_tokens=list(SPECIAL_TOKENS),
+                                          special_tokens=specials,
                                           initial_alphabet=alphabet, show_progress=False)
     else:
         raise ValueError(f"tokenizer kind {kind!r} is not one of {', '.join(TRAINABLE)}")
@@ -200,8 +217,10 @@ def save_trained(raw: _RustTokenizer, directory: str) -> None:
         return
     import transformers
 
+    mask = {"mask_token": MASK_TOKEN} if raw.token_to_id(MASK_TOKEN) is not None else {}
     hf_tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+        tokenizer_object=raw, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+        **mask)
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".", dir=parent)
@@ -241,7 +260,7 @@ def _is_remote(path: str) -> bool:
 
 
 def _load_or_train_bpe(spec: str, vocab_size: int, documents: Sequence[str] | None,
-                       workdir: str) -> Tokenizer:
+                       workdir: str, mask_token: bool = False) -> Tokenizer:
     """`bpe:N`: the tokenizer saved in the workdir, trained and saved there first if absent.
 
     An object-store workdir (gs://) gets the files one by one with a completion marker
@@ -260,9 +279,9 @@ def _load_or_train_bpe(spec: str, vocab_size: int, documents: Sequence[str] | No
             raise ValueError(f"data.tokenizer={spec!r}: no documents to train on and no "
                              f"saved tokenizer in {directory}")
         if remote:
-            _upload_trained(train_bpe(documents, vocab_size), directory)
+            _upload_trained(train_bpe(documents, vocab_size, mask_token=mask_token), directory)
         else:
-            save_trained(train_bpe(documents, vocab_size), directory)
+            save_trained(train_bpe(documents, vocab_size, mask_token=mask_token), directory)
     tokenizer = (_load_remote_directory(spec, directory) if remote
                  else _load_directory(spec, directory))
     tokenizer.source = (f"from {directory} ({spec} "

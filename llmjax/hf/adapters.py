@@ -309,6 +309,11 @@ def _bert_rules(cfg: Any) -> list[Rule]:
         Rule("pooler_bias", "bert.pooler.dense.bias"),
         Rule("classifier", "classifier.weight", "l d -> d l"),
         Rule("classifier_bias", "classifier.bias"),
+        # BertForMaskedLM's head; its decoder weight is the word embeddings (tied).
+        Rule("mlm_dense", "cls.predictions.transform.dense.weight", "o i -> i o"),
+        Rule("mlm_dense_bias", "cls.predictions.transform.dense.bias"),
+        *norm("mlm_norm", "cls.predictions.transform.LayerNorm"),
+        Rule("mlm_bias", "cls.predictions.bias"),
     ]
 
 
@@ -324,6 +329,9 @@ class Adapter:
     rules: Callable[[Any], list[Rule]]
     optional: tuple[str, ...] = ()  # our parameters initialised afresh when missing
     ignored: str = "$^"  # regex of HF tensor names that we read nothing from, silently
+    # (config.task, architecture) pairs: what an export of a run trained for that task
+    # says it is, where that differs from config_to_hf's architecture
+    task_architectures: tuple[tuple[str, str], ...] = ()
 
 
 ADAPTERS = {
@@ -336,11 +344,18 @@ ADAPTERS = {
                     _gpt2_to_hf, _gpt2_rules, optional=("score",),
                     ignored=r"(attn\.bias|attn\.masked_bias|^lm_head\.weight)$"),
     # A pretrained BERT (BertModel, BertForMaskedLM, ...) has no classifier: it starts
-    # fresh, as in transformers' BertForSequenceClassification.
+    # fresh, as in transformers' BertForSequenceClassification; a classifier's checkpoint
+    # has no masked-LM head, which starts fresh too. The decoder weight (and bias) of that
+    # head are tied to the word embeddings (and cls.predictions.bias); the next-sentence
+    # head of BertForPreTraining has no counterpart here.
     "bert": Adapter(("bert",), ("BertForSequenceClassification", "BertModel", "BertForMaskedLM",
                                 "BertForPreTraining"), "bert.", _bert_from_hf,
                     _bert_to_hf, _bert_rules,
-                    optional=("pooler", "pooler_bias", "classifier", "classifier_bias"),
-                    ignored=r"(^cls\.|position_ids$)"),
+                    optional=("pooler", "pooler_bias", "classifier", "classifier_bias",
+                              "mlm_dense", "mlm_dense_bias", "mlm_norm/scale",
+                              "mlm_norm/bias", "mlm_bias"),
+                    ignored=r"(^cls\.predictions\.decoder\.|^cls\.seq_relationship\.|"
+                            r"position_ids$)",
+                    task_architectures=(("mlm", "BertForMaskedLM"),)),
 }
 assert set(ADAPTERS) == set(FAMILIES), "every model family needs an HF adapter"

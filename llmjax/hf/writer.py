@@ -44,7 +44,8 @@ def _parse_size(size: int | str) -> int:
 
 
 def save_pretrained(model: nnx.Module, path: str, *, tokenizer: Any = None,
-                    dtype: str | None = None, max_shard_size: int | str = "5GB") -> None:
+                    dtype: str | None = None, max_shard_size: int | str = "5GB",
+                    task: str = "") -> None:
     """Write `model` (from `from_pretrained`, or any llmjax model) as transformers does:
     config.json and model.safetensors, or model-0000k-of-0000n.safetensors shards of at
     most `max_shard_size` with model.safetensors.index.json.
@@ -52,6 +53,8 @@ def save_pretrained(model: nnx.Module, path: str, *, tokenizer: Any = None,
     `tokenizer` (saved alongside; its bos/eos/pad ids go into config.json): a directory
     holding one (its files are copied), a transformers tokenizer, or an llmjax Tokenizer.
     `dtype`: "bfloat16" etc. for the written tensors (default: the parameters' dtype).
+    `task`: the config.task the model was trained for, when it decides the architecture
+    config.json names (a BERT trained with "mlm" is a BertForMaskedLM).
     One HF tensor is gathered to the host at a time; in a multi-process run every
     process must call this, and process 0 writes.
     """
@@ -62,6 +65,7 @@ def save_pretrained(model: nnx.Module, path: str, *, tokenizer: Any = None,
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)), sep="/")
     np_dtype = np.dtype(DTYPES[dtype or cfg.param_dtype])
     model_type, architecture, fields = adapter.config_to_hf(cfg)
+    architecture = dict(adapter.task_architectures).get(task, architecture)
     fields.update(_tokenizer_ids(tokenizer))
     hf_config = transformers.AutoConfig.for_model(model_type, **fields)
     hf_config.architectures = [architecture]

@@ -3,8 +3,9 @@
 Every model answers `model.classify(tokens, positions, segment_ids)` -> class logits
 [batch, num_labels] (models with `num_labels` > 0; BERT always) and
 `model.hidden_states(...)` -> its final layer's output; a decoder's `model(tokens,
-positions, segment_ids)` -> next-token logits [batch, length, vocab]. What a call returns
-never depends on the config.
+positions, segment_ids)` -> next-token logits [batch, length, vocab]; BERT's
+`model.masked_lm_logits(...)` -> logits [batch, length, vocab] of the token at each
+position. What a call returns never depends on the config.
 """
 
 import dataclasses
@@ -20,10 +21,11 @@ from llmjax.models.llama import Llama, LlamaConfig
 FAMILIES = {
     "llama": (LlamaConfig, Llama),  # also Mistral and Qwen2 (see llama.py)
     "gpt2": (GPT2Config, GPT2),
-    "bert": (BertConfig, Bert),  # encoder + classifier: classify() only
+    "bert": (BertConfig, Bert),  # encoder: classify() and masked_lm_logits()
 }
 ModelConfig = LlamaConfig | GPT2Config | BertConfig
 DECODERS = ("llama", "gpt2")  # families with next-token logits (task "lm")
+MASKED_LMS = ("bert",)  # families with `masked_lm_logits` (task "mlm")
 
 
 def family_of(cfg: ModelConfig) -> str:

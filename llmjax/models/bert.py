@@ -1,8 +1,9 @@
-"""A BERT-style encoder with a pooler and a sequence-classification head, in Flax NNX.
+"""A BERT-style encoder with a pooler, a sequence-classification head and a masked-LM head.
 
 Read top to bottom: `BertConfig`, `Block` (post-norm: ln(x + attn(x)), then
 ln(x + mlp(x))) and `Bert` (token + position + token-type embeddings and a LayerNorm,
-the stacked blocks, then tanh(dense) of the first token and a linear classifier).
+the stacked blocks, then two heads: tanh(dense) of the first token and a linear
+classifier; and per token ln(gelu(dense)) projected onto the word embeddings plus a bias).
 Attention is bidirectional; padding is segment 0 of `segment_ids`, so a Hugging Face
 `attention_mask` can be passed as it is.
 """
@@ -116,6 +117,11 @@ class Bert(nnx.Module):
         self.pooler_bias = param(rngs, zeros, (d,), ("pooled",), pdt)
         self.classifier = param(rngs, init, (d, cfg.num_labels), ("embed", "labels"), pdt)
         self.classifier_bias = param(rngs, zeros, (cfg.num_labels,), ("labels",), pdt)
+        # The masked-LM head; its decoder is the word embedding matrix (tied, as in BERT).
+        self.mlm_dense = param(rngs, init, (d, d), ("embed", "mlm_hidden"), pdt)
+        self.mlm_dense_bias = param(rngs, zeros, (d,), ("mlm_hidden",), pdt)
+        self.mlm_norm = LayerNorm(d, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.mlm_bias = param(rngs, zeros, (cfg.vocab_size,), ("vocab",), pdt)
 
     def classify(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None,
@@ -127,6 +133,21 @@ class Bert(nnx.Module):
         pooled = jnp.tanh(x[:, 0] @ self.pooler[...].astype(dt) + self.pooler_bias[...].astype(dt))
         logits = pooled @ self.classifier[...].astype(dt) + self.classifier_bias[...].astype(dt)
         return logits.astype(jnp.float32)
+
+    def masked_lm_logits(self, tokens: jax.Array, positions: jax.Array | None = None,
+                         segment_ids: jax.Array | None = None,
+                         token_type_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [batch, length] int -> logits over the vocabulary [batch, length, vocab]
+        float32 at every position (what a [MASK] there stands for). Arguments as
+        `hidden_states`."""
+        cfg = self.cfg
+        dt = DTYPES[cfg.dtype]
+        x = self.hidden_states(tokens, positions, segment_ids, token_type_ids)
+        x = x @ self.mlm_dense[...].astype(dt) + self.mlm_dense_bias[...].astype(dt)
+        x = self.mlm_norm(jax.nn.gelu(x, approximate=GELU_APPROXIMATE[cfg.activation]))
+        logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(dt))
+        logits = logits + self.mlm_bias[...].astype(dt)
+        return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
                       segment_ids: jax.Array | None = None,

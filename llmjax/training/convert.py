@@ -81,5 +81,5 @@ def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
     elif tokenizer is None:
         logging.warning("%s: no tokenizer directory found; exporting the model alone", source)
     hf.save_pretrained(model, out, tokenizer=tokenizer, dtype=dtype,
-                       max_shard_size=max_shard_size)
+                       max_shard_size=max_shard_size, task=run_config.get("task", ""))
     return out

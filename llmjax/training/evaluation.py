@@ -2,7 +2,8 @@
 
 `evaluate` receives a step, not a config: anything that maps a placed global batch to
 the sums of llmjax.training.step.eval_step (`loss_sum`, `tokens`, and for
-classification `predictions`) can be evaluated, the train loop's and a restored run's alike.
+classification `predictions`, for a masked LM `correct`) can be evaluated, the train
+loop's and a restored run's alike.
 """
 
 import json
@@ -25,13 +26,16 @@ def evaluate(eval_step: Callable[[dict[str, jax.Array]], dict[str, jax.Array]],
              batches: Sequence[Batch], place: Callable[[Batch], dict[str, jax.Array]],
              num_labels: int = 0) -> dict[str, float]:
     """eval/loss and eval/perplexity over `batches` (this process's rows, put on the mesh
-    by `place`); with `num_labels` (classification) eval/loss, eval/accuracy and eval/f1."""
-    loss_sum, tokens, predicted, labels = 0.0, 0.0, [], []
+    by `place`), and eval/masked_accuracy for a masked LM; with `num_labels`
+    (classification) eval/loss, eval/accuracy and eval/f1."""
+    loss_sum, tokens, correct, predicted, labels = 0.0, 0.0, None, [], []
     for batch in batches:
         placed = place(batch)
         out = eval_step(placed)
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
+        if "correct" in out:
+            correct = (correct or 0.0) + float(out["correct"])
         if num_labels:
             real = sharding.to_host(placed["loss_mask"]) > 0
             predicted.append(sharding.to_host(out["predictions"])[real])
@@ -41,7 +45,10 @@ def evaluate(eval_step: Callable[[dict[str, jax.Array]], dict[str, jax.Array]],
         accuracy, f1 = classify.accuracy_and_f1(np.concatenate(predicted),
                                                 np.concatenate(labels), num_labels)
         return {"eval/loss": loss, "eval/accuracy": accuracy, "eval/f1": f1}
-    return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))}
+    results = {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))}
+    if correct is not None:
+        results["eval/masked_accuracy"] = correct / max(tokens, 1.0)
+    return results
 
 
 def short_eval_note(config: Any, batches: Sequence[Batch]) -> str:

@@ -16,8 +16,10 @@ from flax import nnx
 
 from llmjax import workdir
 from llmjax.hf import reader
+from llmjax.hf.adapters import ADAPTERS
 from llmjax.models import ModelConfig, build_model, family_of, model_config
 from llmjax.training import checkpoint
+from llmjax.training.state import init_params
 
 # model_config fields that say how to run a model, not what it is: `init_from` keeps
 # the training config's values for these.
@@ -68,11 +70,40 @@ def resolve(config: ml_collections.ConfigDict, vocab_size: int
     return config, cfg
 
 
-def load_params(path: str, cfg: ModelConfig, shardings: Any) -> dict:
-    """The parameters (pure dict) stored at a model path, placed with `shardings`."""
+# A classifier's head: what a classification run takes fresh from a run that never
+# trained one (a masked-LM run's pooler and classifier are their initial values, decayed).
+CLASSIFIER_HEADS = ("pooler", "pooler_bias", "classifier", "classifier_bias", "score")
+
+
+def fresh_heads(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The parameters a run starting from `config.init_from` initialises afresh: the
+    classifier head when a classification run starts from a workdir of another task."""
+    if config.task != "classify" or workdir.is_hf_dir(config.init_from):
+        return ()  # an HF directory without a classifier: its adapter's optional tensors
+    run_dir, _, _ = workdir.split_checkpoint(config.init_from)
+    return () if workdir.read_config(run_dir).get("task") == "classify" else CLASSIFIER_HEADS
+
+
+def load_params(path: str, cfg: ModelConfig, shardings: Any, fresh: tuple[str, ...] = (),
+                seed: int = 0) -> dict:
+    """The parameters (pure dict) stored at a model path, placed with `shardings`.
+
+    `fresh`: top-level parameters of a workdir's model that are initialised (from `seed`)
+    instead of read, as are those of the family's optional ones that the checkpoint lacks
+    (a BERT saved before it had a masked-LM head)."""
     if workdir.is_hf_dir(path):
         adapter = reader.read_hf_config(path)[0]
         return reader.load_hf_params(reader.HFTensors(path), adapter, cfg, shardings)
     run_dir, subdir, step = workdir.split_checkpoint(path)
     abstract = nnx.to_pure_dict(nnx.split(jax.eval_shape(lambda: build_model(cfg, 0)))[1])
-    return checkpoint.restore_params(run_dir, step, abstract, shardings, subdir)
+    stored = checkpoint.params_shapes(run_dir, step, subdir)
+    optional = {path.split("/")[0] for path in ADAPTERS[family_of(cfg)].optional}
+    fresh = {k for k in abstract if k in fresh or (k in optional and k not in stored)}
+    params = checkpoint.restore_params(
+        run_dir, step, {k: v for k, v in abstract.items() if k not in fresh},
+        {k: v for k, v in shardings.items() if k not in fresh}, subdir)
+    if fresh:
+        params.update(jax.jit(
+            lambda: {k: v for k, v in init_params(cfg, seed).items() if k in fresh},
+            out_shardings={k: shardings[k] for k in fresh})())
+    return params

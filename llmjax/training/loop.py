@@ -48,7 +48,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         cleanup: contextlib.ExitStack) -> dict[str, Any]:
     # --- Set up: data, the run, checkpoints, writers ---------------------------------------
     data = setup.build_data(config, workdir)
-    run = setup.assemble(config, data.tokenizer.vocab_size)
+    run = setup.assemble(config, data.tokenizer.vocab_size, mask_id=data.tokenizer.mask_id)
     setup.check_data(run, data)
     config = run.config  # with init_from's model: what config.json records
     logging.info("model: %s parameters; mesh %s; rules %s", f"{run.num_params:,}",

@@ -1,7 +1,8 @@
 """The one place that turns a config into a run.
 
     data = setup.build_data(config, workdir)                  # tokenizer, batches
-    run = setup.assemble(config, data.tokenizer.vocab_size)   # nothing allocated yet
+    run = setup.assemble(config, data.tokenizer.vocab_size,   # nothing allocated yet
+                         mask_id=data.tokenizer.mask_id)
     setup.check_data(run, data)   # token ids and labels the model can take
     frozen = setup.frozen_weights(run)     # LoRA: the base weights (never trained); else None
     state = setup.initial_state(run, frozen)   # fresh, init_from's weights, or new adapters
@@ -37,7 +38,7 @@ from llmjax.training.state import (
     state_from_params,
     state_layout,
 )
-from llmjax.training.tasks import TASKS, Task
+from llmjax.training.tasks import Task, make_task
 
 
 @dataclasses.dataclass
@@ -49,10 +50,11 @@ class Data:
 
 def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     """Sources -> tokenizer -> this process's training stream and held-out eval batches
-    (llmjax.data.loader; labelled rows for classification, llmjax.data.classify)."""
+    (llmjax.data.loader; labelled rows for classification, llmjax.data.classify; the
+    maskable tokens for a masked LM, llmjax.data.masked)."""
     # Imported here: the rest of a run (the benchmark, the fit check) needs no grain,
     # tokenizers or TensorFlow, so it runs on a bare accelerator machine.
-    from llmjax.data import classify, loader
+    from llmjax.data import classify, loader, masked
 
     process = dict(workdir=workdir, process_index=jax.process_index(),
                    process_count=jax.process_count())
@@ -60,6 +62,9 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
                  global_batch_size=config.global_batch_size)
     if config.task == "classify":
         return Data(*classify.build(config.data, **shape, **process))
+    if config.task == "mlm":
+        return Data(*masked.build(config.data, **shape, eval_batches=config.eval_batches,
+                                  **process))
     return Data(*loader.build(config.data, **shape, eval_batches=config.eval_batches,
                               **process))
 
@@ -152,12 +157,13 @@ class Run:
 
 def assemble(config: ml_collections.ConfigDict, vocab_size: int = 0,
              model_overrides: dict[str, Any] | None = None,
-             devices: Sequence[jax.Device] | None = None) -> Run:
+             devices: Sequence[jax.Device] | None = None, mask_id: int | None = None) -> Run:
     """Everything `config` decides before the first step, without allocating weights.
 
     `vocab_size`: the tokenizer's, for `config.model.vocab_size` = 0. `model_overrides`
     replace model config fields after init_from (the fit check's one-layer probes, a
-    dtype at export). `devices`: what the mesh spans (default: every device).
+    dtype at export). `devices`: what the mesh spans (default: every device). `mask_id`:
+    the tokenizer's mask token, for `config.mlm.mask_id` = -1 (task "mlm").
     """
     validate(config)
     if config.init_from:  # architecture (and, for a fresh run, weights) from that directory
@@ -170,7 +176,9 @@ def assemble(config: ml_collections.ConfigDict, vocab_size: int = 0,
         model_cfg = dataclasses.replace(model_cfg, **model_overrides)
     check_task(config.task, model_cfg)
     check_positions(config.seq_len, model_cfg)
-    task = TASKS[config.task]
+    if config.task == "mlm" and config.mlm.mask_id < 0 and mask_id is not None:
+        config.mlm.mask_id = mask_id  # the tokenizer's: config.json says it
+    task = make_task(config.task, config.get("mlm"), model_cfg.vocab_size)
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.logical_axis_rules(config.mesh.rules)
     schedule = optimizer.learning_rate_schedule(config.optimizer, config.num_train_steps)
@@ -192,11 +200,12 @@ def assemble(config: ml_collections.ConfigDict, vocab_size: int = 0,
     train_step = jax.jit(
         functools.partial(step.train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                           task=task, merge=merge, grad_accum_steps=config.grad_accum_steps,
-                          z_loss=config.z_loss),
+                          z_loss=config.z_loss, seed=config.seed),
         in_shardings=(state_shardings, batch_shardings, frozen_shardings),
         out_shardings=(state_shardings, None), donate_argnums=0)
     eval_step = jax.jit(
-        functools.partial(step.eval_step, graphdef=graphdef, task=task, merge=merge),
+        functools.partial(step.eval_step, graphdef=graphdef, task=task, merge=merge,
+                          seed=config.seed),
         in_shardings=(state_shardings.params, batch_shardings, frozen_shardings))
     return Run(config=config, model_cfg=model_cfg, task=task, mesh=mesh, rules=rules,
                schedule=schedule, tx=tx, graphdef=graphdef, abstract_state=abstract_state,
@@ -226,7 +235,8 @@ def initial_state(run: Run, frozen: Any) -> TrainState:
                 p, run.frozen.axes, config.lora, config.seed)[0], tx),
                 out_shardings=shardings)(frozen)
         if config.init_from:
-            params = init_from.load_params(config.init_from, run.model_cfg, shardings.params)
+            params = init_from.load_params(config.init_from, run.model_cfg, shardings.params,
+                                           init_from.fresh_heads(config), config.seed)
             return jax.jit(lambda p: state_from_params(p, tx), donate_argnums=0,
                            out_shardings=shardings)(params)
         return jax.jit(lambda: state_from_params(init_params(run.model_cfg, config.seed), tx),

@@ -39,7 +39,7 @@ def split_microbatches(batch: Batch, num: int) -> Batch:
 
 def train_step(state: TrainState, batch: Batch, frozen: Any, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule, task: Task,
-               merge: Merge, grad_accum_steps: int, z_loss: float
+               merge: Merge, grad_accum_steps: int, z_loss: float, seed: int = 0
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the global batch, accumulating gradients over microbatches.
 
@@ -48,8 +48,12 @@ def train_step(state: TrainState, batch: Batch, frozen: Any, *, graphdef: nnx.Gr
     learning_rate, `task.count_name`: loss_tokens (targets in the loss) or examples
     (labelled rows, for classification), and skipped (1 when the loss or gradient
     norm was NaN or inf: the update was dropped, parameters and optimizer state stay
-    as they were, the step still counts).
+    as they were, the step still counts). A task that `prepare`s its batch (masked LM)
+    does so on the whole batch with this step's draw of `seed`.
     """
+    if task.prepare is not None:
+        batch = task.prepare(batch, seed, state.step)
+
     def loss_with_aux(trainable, microbatch):
         model = nnx.merge(graphdef, merge(trainable, frozen))
         total, cross_entropy, count = task.losses(model, microbatch, z_loss)
@@ -92,9 +96,12 @@ def train_step(state: TrainState, batch: Batch, frozen: Any, *, graphdef: nnx.Gr
 
 
 def eval_step(trainable: Any, batch: Batch, frozen: Any, *, graphdef: nnx.GraphDef,
-              task: Task, merge: Merge) -> dict[str, jax.Array]:
+              task: Task, merge: Merge, seed: int = 0) -> dict[str, jax.Array]:
     """Sums to aggregate over eval batches: `loss_sum` (cross-entropy) and `tokens` (or
-    rows), plus the task's per-row outputs (classification: `predictions` [batch])."""
+    rows), plus the task's outputs (classification: `predictions` [batch]; masked LM:
+    `correct`, a sum)."""
+    if task.prepare is not None:
+        batch = task.prepare(batch, seed, None)
     model = nnx.merge(graphdef, merge(trainable, frozen))
     _, cross_entropy, count = task.losses(model, batch, 0.0)
     return {"loss_sum": cross_entropy, "tokens": count, **task.eval_outputs(model, batch)}

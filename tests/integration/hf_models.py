@@ -25,12 +25,13 @@ HF_MODELS = {  # name -> (model class, config class, config)
 }
 
 
-def make_hf_model(name, **overrides):
+def make_hf_model(name, model_cls=None, **overrides):
     """A tiny HF model whose weights are all random and O(1): biases and norm gains too,
-    so a misplaced bias or a transposed matrix shows in the logits."""
+    so a misplaced bias or a transposed matrix shows in the logits. `model_cls`: another
+    head on the same config (BertForMaskedLM)."""
     torch.manual_seed(0)
-    model_cls, config_cls, config = HF_MODELS[name]
-    model = model_cls(config_cls(**{**config, **overrides})).eval()
+    default_cls, config_cls, config = HF_MODELS[name]
+    model = (model_cls or default_cls)(config_cls(**{**config, **overrides})).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             is_gain = p.ndim == 1 and ("norm" in pname.lower() or "ln_" in pname)

@@ -258,7 +258,10 @@ def test_pickle_weights_need_explicit_opt_in(tmp_path):
 
 @pytest.mark.parametrize("name,num_params", [("gpt2_124m", 124_439_808),
                                               ("llama3_1b", 1_235_814_400),
-                                              ("bert_base", 109_482_240 + 768 * 2 + 2)])
+                                              # BertForSequenceClassification's, and
+                                              # BertForMaskedLM's head (decoder tied)
+                                              ("bert_base", 109_482_240 + 768 * 2 + 2
+                                               + 768 * 768 + 768 * 3 + 30_522)])
 def test_presets_have_the_released_dimensions(name, num_params):
     config = importlib.import_module(f"configs.{name}").get_config()
     validate(config)
