@@ -18,6 +18,7 @@ OPTIMIZERS = ("adamw", "adafactor", "sgd")
 TASKS = ("lm", "classify", "mlm")
 PACKINGS = ("first_fit", "concat")
 NAN_POLICIES = ("stop", "skip_step")  # llmjax.training.nonfinite
+PEFT_METHODS = ("lora", "prefix", "prompt")  # llmjax.training.peft_methods
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -109,6 +110,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.targets = "blocks/attn/(q|v)"  # regex over parameter paths that get adapters
     c.lora.trainable = ""  # regex over parameter paths trained in full (heads), e.g. "score"
 
+    # What a fine-tuning run trains (llmjax.training.peft_methods). lora: config.lora decides
+    # (rank 0, the default: every parameter); prefix: a trained key/value prefix in every
+    # layer; prompt: trained embeddings before the input. Virtual tokens train alone.
+    c.peft = ml_collections.ConfigDict()
+    c.peft.method = "lora"  # lora | prefix | prompt
+    c.peft.num_virtual_tokens = 20  # prefix / prompt: virtual tokens before every document
+
     c.early_stopping = ml_collections.ConfigDict()
     c.early_stopping.metric = ""  # e.g. "eval/loss": keep the best checkpoint in workdir/best
     c.early_stopping.mode = "min"  # min | max: which way is better
@@ -192,6 +200,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"{PACKINGS}")
     if int(config.lora.rank) < 0:
         raise ValueError(f"config.lora.rank={config.lora.rank} must be >= 0 (0: no LoRA)")
+    _check_peft(config)
     stop = config.early_stopping
     if stop.mode not in ("min", "max"):
         raise ValueError(f"config.early_stopping.mode={stop.mode!r}: choose min or max")
@@ -229,6 +238,28 @@ def check_logging(settings: ml_collections.ConfigDict) -> None:
                          'pip install -e ".[wandb]" (or leave the key empty)')
 
 
+def _check_peft(config: ml_collections.ConfigDict) -> None:
+    peft = config.peft
+    if peft.method not in PEFT_METHODS:
+        raise ValueError(f"config.peft.method={peft.method!r}: choose one of {PEFT_METHODS}")
+    if peft.method == "lora":
+        return
+    method = f"config.peft.method={peft.method!r}"
+    if int(peft.num_virtual_tokens) <= 0:
+        raise ValueError(f"config.peft.num_virtual_tokens={peft.num_virtual_tokens} must be "
+                         f"positive with {method}")
+    if int(config.lora.rank):
+        raise ValueError(f"config.lora.rank={config.lora.rank} and {method} do not combine: "
+                         "set config.lora.rank=0 (or config.peft.method=lora)")
+    if config.task != "lm":
+        raise ValueError(f"{method} trains a language model: set config.task=lm (or "
+                         "config.peft.method=lora for a classifier)")
+    if int(config.sample.max_new_tokens):
+        raise ValueError(f"config.sample.max_new_tokens={config.sample.max_new_tokens}: the "
+                         f"inference engine does not run the virtual tokens of {method} "
+                         "yet; set config.sample.max_new_tokens=0")
+
+
 def check_task(task: str, model_cfg: Any) -> None:
     """ValueError unless the model can be trained for `task`: next-token logits for "lm"
     (a decoder without a classifier head), a classifier head for "classify", a masked-LM
@@ -262,12 +293,15 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
     return changed
 
 
-def check_positions(seq_len: int, model_cfg: Any) -> None:
-    """ValueError if rows of `seq_len` tokens do not fit a model with learned positions
-    (the model checks it too, but only once data is read and the step traced)."""
+def check_positions(seq_len: int, model_cfg: Any, num_virtual_tokens: int = 0) -> None:
+    """ValueError if rows of `seq_len` tokens (after `num_virtual_tokens`, which move every
+    position up) do not fit a model with learned positions (the model checks it too, but
+    only once data is read and the step traced)."""
     max_positions = getattr(model_cfg, "max_positions", 0)
-    if max_positions and seq_len > max_positions:
-        raise ValueError(f"config.seq_len={seq_len} is longer than the model's "
+    if max_positions and seq_len + num_virtual_tokens > max_positions:
+        virtual = (f" plus config.peft.num_virtual_tokens={num_virtual_tokens}"
+                   if num_virtual_tokens else "")
+        raise ValueError(f"config.seq_len={seq_len}{virtual} is longer than the model's "
                          f"config.model.max_positions={max_positions}: lower config.seq_len")
 
 

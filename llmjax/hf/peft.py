@@ -1,9 +1,11 @@
-"""LoRA adapters in the Hugging Face PEFT layout, for `peft.PeftModel.from_pretrained`.
+"""Adapters in the Hugging Face PEFT layout, for `peft.PeftModel.from_pretrained`.
 
 The adapters of an llmjax LoRA run (llmjax.training.lora: A [in, rank] and B [rank, out]
 per target weight, stacked over layers) become PEFT's lora_A [rank, in] and lora_B
 [out, rank] per layer and module, named through the family's adapter rules
-(llmjax.hf.adapters); trained heads go under `modules_to_save`.
+(llmjax.hf.adapters); trained heads go under `modules_to_save`. The virtual tokens of a
+prefix- or prompt-tuning run (llmjax.models.virtual_tokens) become PEFT's one
+`prompt_embeddings` tensor (`save_virtual_tokens`).
 """
 
 import json
@@ -64,3 +66,37 @@ def save_peft(path: str, adapters: dict[str, dict[str, Any]], heads: dict[str, A
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(peft_config, f, indent=2)
     return sorted(modules)
+
+
+def save_virtual_tokens(path: str, method: str, virtual: Any, *, model_cfg: ModelConfig) -> None:
+    """Write the virtual tokens of a prefix- or prompt-tuning run in the PEFT layout
+    (PREFIX_TUNING without a projection, or PROMPT_TUNING), for the model that
+    `llmjax.hf.save_pretrained` writes.
+
+    `virtual`: prefix [layers, 2, P, kv_heads, head_dim] (each layer's keys and values) or
+    prompt [P, embed]. PEFT keeps a prefix as [P, layers * 2 * kv_heads * head_dim], which it
+    views as [P, layers * 2, kv_heads, head_dim]: layer i's keys at 2i, its values at 2i + 1.
+    """
+    x = np.asarray(jax.device_get(virtual), np.float32)
+    config = {"task_type": "CAUSAL_LM", "num_virtual_tokens": int(x.shape[0]),
+              "num_layers": model_cfg.num_layers, "num_transformer_submodules": 1,
+              "inference_mode": True, "base_model_name_or_path": None, "modules_to_save": None}
+    if method == "prefix":
+        _, _, num, kv_heads, head_dim = x.shape
+        embeddings = x.transpose(2, 0, 1, 3, 4).reshape(num, -1)
+        config.update(peft_type="PREFIX_TUNING", num_virtual_tokens=num,
+                      token_dim=kv_heads * head_dim, num_attention_heads=kv_heads,
+                      encoder_hidden_size=kv_heads * head_dim, prefix_projection=False,
+                      init_weights=None)
+    elif method == "prompt":
+        embeddings = x
+        config.update(peft_type="PROMPT_TUNING", token_dim=int(x.shape[1]),
+                      num_attention_heads=model_cfg.num_heads, prompt_tuning_init="RANDOM",
+                      prompt_tuning_init_text=None, tokenizer_name_or_path=None)
+    else:
+        raise ValueError(f"config.peft.method={method!r} has no virtual tokens to export")
+    os.makedirs(path, exist_ok=True)
+    save_file({"prompt_embeddings": np.ascontiguousarray(embeddings)},
+              os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)

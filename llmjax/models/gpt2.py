@@ -30,6 +30,7 @@ from llmjax.models.layers import (
     run_blocks,
     weight,
 )
+from llmjax.models.virtual_tokens import drop_prompt, num_virtual, virtual_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +94,8 @@ class Block(nnx.Module):
         self.mlp = GeluMLP(cfg.embed_dim, cfg.mlp_dim, activation=cfg.activation,
                            init_std=cfg.init_std, param_dtype=pdt, dtype=dt, rngs=rngs)
 
-    def __call__(self, x, segment_ids):
-        x = x + self.attn(self.attn_norm(x), segment_ids)
+    def __call__(self, x, segment_ids, mask=None, prefix=None):
+        x = x + self.attn(self.attn_norm(x), segment_ids, mask, prefix)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
@@ -126,14 +127,18 @@ class GPT2(nnx.Module):
                                pdt)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, *, prefix: jax.Array | None = None,
+                 prompt: jax.Array | None = None) -> jax.Array:
         """tokens [batch, length] int -> next-token logits [batch, length, vocab] float32.
 
         positions [batch, length] (< max_positions) restart at 0 for each packed
         document (default 0..length-1); segment_ids [batch, length] keep attention
-        inside a document.
+        inside a document. `prefix` [layers, 2, P, heads, head_dim] or `prompt` [P, embed]:
+        trained virtual tokens before every document (llmjax.models.virtual_tokens; the
+        real tokens' positions move up by P).
         """
-        logits = self.logits(self.hidden_states(tokens, positions, segment_ids))
+        logits = self.logits(self.hidden_states(tokens, positions, segment_ids, prefix=prefix,
+                                                prompt=prompt))
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
     def logits(self, x: jax.Array) -> jax.Array:
@@ -169,14 +174,27 @@ class GPT2(nnx.Module):
         return classify_last_token(x, segment_ids, weight(self.score, DTYPES[self.cfg.dtype]))
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None,
-                      segment_ids: jax.Array | None) -> jax.Array:
+                      segment_ids: jax.Array | None, *, prefix: jax.Array | None = None,
+                      prompt: jax.Array | None = None) -> jax.Array:
         """The final LayerNorm's output [batch, length, embed]."""
         cfg = self.cfg
-        if tokens.shape[1] > cfg.max_positions:
-            raise ValueError(f"sequences of {tokens.shape[1]} tokens are longer than GPT-2's "
-                             f"config.model.max_positions={cfg.max_positions}")
+        virtual = prefix is not None or prompt is not None
+        num = num_virtual(prefix, prompt) if virtual else 0
+        if tokens.shape[1] + num > cfg.max_positions:
+            raise ValueError(f"sequences of {tokens.shape[1]} tokens (and {num} virtual ones) "
+                             "are longer than GPT-2's config.model.max_positions="
+                             f"{cfg.max_positions}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if virtual:
+            x, positions, mask = virtual_inputs(lookup(self.embed, tokens), positions,
+                                                segment_ids, prefix=prefix, prompt=prompt)
+            x = x + lookup(self.pos_embed, positions)
+            x = constrain(x.astype(DTYPES[cfg.dtype]), ("act_batch", "act_length", "act_embed"))
+            x = run_blocks(self.blocks, x, None, mask, scan_layers=cfg.scan_layers,
+                           remat_policy=cfg.remat_policy, per_layer=prefix)
+            x = self.final_norm(x)
+            return x if prompt is None else drop_prompt(x, tokens.shape[0], num)
         x = lookup(self.embed, tokens) + lookup(self.pos_embed, positions)
         x = constrain(x.astype(DTYPES[cfg.dtype]), ("act_batch", "act_length", "act_embed"))
         x = run_blocks(self.blocks, x, segment_ids, scan_layers=cfg.scan_layers,

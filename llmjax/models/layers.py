@@ -186,6 +186,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
                                         local_window_size=window, implementation=kernel)
 
 
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     prefix: jax.Array | None) -> jax.Array:
+    """Attention with virtual tokens (llmjax.models.virtual_tokens): q [batch, queries,
+    heads, head_dim], k, v [batch, length, kv_heads, head_dim] after the layer's `prefix`
+    [2, P, kv_heads, head_dim] (its keys and values; None for a prompt, whose tokens are in
+    k, v already), `mask` from virtual_tokens.virtual_mask. Returns [batch, queries, heads,
+    head_dim]."""
+    if prefix is not None:
+        batch = q.shape[0]
+        prefix_k, prefix_v = (jnp.broadcast_to(p.astype(k.dtype)[None], (batch, *p.shape))
+                              for p in prefix)
+        k = jnp.concatenate([prefix_k, k], axis=1)
+        v = jnp.concatenate([prefix_v, v], axis=1)
+    k, v = gather_length(k), gather_length(v)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
 class MultiHeadAttention(nnx.Module):
     """Attention with biased q/k/v/o projections and no RoPE (GPT-2, BERT).
 
@@ -208,9 +225,13 @@ class MultiHeadAttention(nnx.Module):
         self.causal, self.dtype, self.impl = causal, dtype, implementation
         self.blocks = (block_q, block_kv)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-        """x [batch, length, embed] -> [batch, length, embed]."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None,
+                 mask: jax.Array | None = None, prefix: jax.Array | None = None) -> jax.Array:
+        """x [batch, length, embed] -> [batch, length, embed]. With virtual tokens: their
+        `mask` and this layer's `prefix` (see `masked_attention`)."""
         q, k, v = self._project(x)
+        if mask is not None:
+            return self._output(masked_attention(q, k, v, mask, prefix))
         block_q, block_kv = self.blocks
         return self._output(attention(q, k, v, segment_ids, self.impl, causal=self.causal,
                                       block_q=block_q, block_kv=block_kv))
@@ -296,20 +317,23 @@ def classify_last_token(x: jax.Array, segment_ids: jax.Array | None,
 
 
 def run_blocks(blocks: nnx.Module, x: jax.Array, *args, scan_layers: bool,
-               remat_policy: str) -> jax.Array:
+               remat_policy: str, per_layer: jax.Array | None = None) -> jax.Array:
     """x through a stack of blocks made with nnx.vmap (parameters on a leading `layers`
-    axis): `block(x, *args)` for each layer, under jax.lax.scan or unrolled."""
+    axis): `block(x, *args)` for each layer, under jax.lax.scan or unrolled. `per_layer`
+    [layers, ...] (a prefix's keys and values): layer i's slice is the block's last argument."""
     block_graph, block_state = nnx.split(blocks)
 
-    def run_block(x, layer_state):
-        return nnx.merge(block_graph, layer_state)(x, *args), None
+    def run_block(x, layer):
+        layer_state, layer_input = layer
+        extra = () if layer_input is None else (layer_input,)
+        return nnx.merge(block_graph, layer_state)(x, *args, *extra), None
 
     run_block = remat(run_block, remat_policy)
     if scan_layers:
-        return jax.lax.scan(run_block, x, block_state)[0]
+        return jax.lax.scan(run_block, x, (block_state, per_layer))[0]
     num_layers = jax.tree.leaves(block_state)[0].shape[0]
     for i in range(num_layers):
-        x, _ = run_block(x, jax.tree.map(lambda a, i=i: a[i], block_state))
+        x, _ = run_block(x, jax.tree.map(lambda a, i=i: a[i], (block_state, per_layer)))
     return x
 
 

@@ -39,12 +39,14 @@ from llmjax.models.layers import (
     length_is_split,
     llama3_rope_scaling,
     lookup,
+    masked_attention,
     param,
     rope_frequencies,
     rope_tables,
     run_blocks,
     weight,
 )
+from llmjax.models.virtual_tokens import drop_prompt, virtual_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,13 +133,16 @@ class Attention(nnx.Module):
         self.impl = cfg.attention_impl
         self.blocks = (cfg.attention_block_q, cfg.attention_block_kv)
 
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, mask=None, prefix=None):
         """x [batch, length, embed] or [batch * length, embed] -> the same shape.
 
         Projections are plain 2-D matmuls on whatever layout x has; only attention itself
-        sees [batch, length, heads, head_dim] (batch and length from `cos`).
+        sees [batch, length, heads, head_dim] (batch and length from `cos`). With virtual
+        tokens: their `mask` and this layer's `prefix` (layers.masked_attention).
         """
         q, k, v = self._project(x, cos, sin)
+        if mask is not None:
+            return self._output(masked_attention(q, k, v, mask, prefix), x.shape)
         block_q, block_kv = self.blocks
         out = attention(q, k, v, segment_ids, self.impl, sliding_window=self.sliding_window,
                         block_q=block_q, block_kv=block_kv)
@@ -200,8 +205,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, segment_ids):
-        x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids)
+    def __call__(self, x, cos, sin, segment_ids, mask=None, prefix=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids, mask, prefix)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain_tokens(x, "act_embed")
 
@@ -235,13 +240,16 @@ class Llama(nnx.Module):
                                pdt)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, *, prefix: jax.Array | None = None,
+                 prompt: jax.Array | None = None) -> jax.Array:
         """tokens [batch, length] int -> next-token logits [batch, length, vocab] float32.
 
         positions [batch, length] restart at 0 for each packed document (default
         0..length-1); segment_ids [batch, length] keep attention inside a document.
+        `prefix` [layers, 2, P, kv_heads, head_dim] or `prompt` [P, embed]: trained virtual
+        tokens before every document (llmjax.models.virtual_tokens).
         """
-        x = self.hidden_states(tokens, positions, segment_ids)
+        x = self.hidden_states(tokens, positions, segment_ids, prefix=prefix, prompt=prompt)
         logits = self.logits(x).reshape(*tokens.shape, -1)
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
@@ -282,13 +290,19 @@ class Llama(nnx.Module):
         return classify_last_token(x, segment_ids, weight(self.score, DTYPES[cfg.dtype]))
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None,
-                      segment_ids: jax.Array | None) -> jax.Array:
+                      segment_ids: jax.Array | None, *, prefix: jax.Array | None = None,
+                      prompt: jax.Array | None = None) -> jax.Array:
         """The final-norm output: [batch * length, embed] (or [batch, length, embed] when
         the length is split over devices)."""
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = lookup(self.embed, tokens, DTYPES[cfg.dtype])
+        virtual = prefix is not None or prompt is not None
+        if virtual:
+            x, positions, mask = virtual_inputs(x, positions, segment_ids, prefix=prefix,
+                                                prompt=prompt,
+                                                sliding_window=cfg.sliding_window)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         if not length_is_split():
             # The residual stream as [batch * length, embed]: every matmul is a plain 2-D
@@ -297,6 +311,11 @@ class Llama(nnx.Module):
             # split dims would move data between devices.
             x = constrain_tokens(x.reshape(-1, x.shape[-1]), "act_embed")
         cos, sin = rope_tables(positions, cfg.rope_frequencies())
+        if virtual:  # the mask says what each token sees; segment ids are in it
+            x = run_blocks(self.blocks, x, cos, sin, None, mask, scan_layers=cfg.scan_layers,
+                           remat_policy=cfg.remat_policy, per_layer=prefix)
+            x = self.final_norm(x)
+            return x if prompt is None else drop_prompt(x, tokens.shape[0], prompt.shape[0])
         x = run_blocks(self.blocks, x, cos, sin, segment_ids, scan_layers=cfg.scan_layers,
                        remat_policy=cfg.remat_policy)
         return self.final_norm(x)

@@ -9,6 +9,7 @@
     evaluation.py   aggregating an eval step; evaluating a workdir's checkpoint
     optimizer.py    optax schedules, optimizers, weight-decay mask
     lora.py         what trains: LoRA adapters, trained heads, merging
+    peft_methods.py config.peft.method: LoRA, or prefix / prompt virtual tokens alone
     init_from.py    runs that start from another model; the model of a stored run
     restore.py      models from a run's checkpoints or an HF directory
     convert.py      run directories <-> Hugging Face directories (import, export)

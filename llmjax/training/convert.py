@@ -6,7 +6,9 @@ OUT/tokenizer/ (the tokenizer files); a training run starts from it with
 `--config.init_from=OUT`. `export_checkpoint` reads any model path of a run (llmjax.workdir)
 and writes config.json, model.safetensors (or shards and an index) and the tokenizer; a
 LoRA run is written with its adapters merged, and the adapters alone in the PEFT layout
-under OUT/adapter (for its base model).
+under OUT/adapter (for its base model). A prefix- or prompt-tuning run's virtual tokens do
+not merge into weights: OUT holds its base model (the frozen weights, unchanged) and
+OUT/adapter the virtual tokens in the PEFT layout; the two together give the run's logits.
 """
 
 import os
@@ -21,7 +23,7 @@ from llmjax import hf, workdir
 from llmjax.config import base_config, to_json
 from llmjax.data.tokenizer import ByteTokenizer
 from llmjax.hf import peft, writer
-from llmjax.training import checkpoint, init_from, lora, restore
+from llmjax.training import checkpoint, init_from, lora, peft_methods, restore
 
 
 def import_checkpoint(hf_dir: str, out: str, *, allow_pickle: bool = False) -> str:
@@ -52,15 +54,25 @@ def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
     """Model path of a run -> HF directory `out`, with the run's tokenizer when it has one
     (its tokenizer/ or a data.tokenizer directory). Returns `out`.
 
-    `adapter_only`: a LoRA run's adapters (and trained heads) alone, in the PEFT layout
-    in `out` itself, for users who load the base model from elsewhere."""
+    `adapter_only`: a LoRA run's adapters (and trained heads), or a prefix or prompt run's
+    virtual tokens, alone, in the PEFT layout in `out` itself, for users who load the base
+    model from elsewhere."""
     run_dir, _, _ = workdir.split_checkpoint(source)
     run_config = workdir.read_config(run_dir)
     is_lora = lora.enabled(ml_collections.ConfigDict(run_config["lora"]))
-    if adapter_only and not is_lora:
-        raise ValueError(f"{source}: not a LoRA run (config.lora.rank is 0), so it has no "
-                         "adapter; export the whole model without --adapter")
-    if is_lora:
+    method = peft_methods.method_of(run_config)
+    if adapter_only and not is_lora and method == "lora":
+        raise ValueError(f"{source}: not a LoRA, prefix or prompt run (config.lora.rank is 0), "
+                         "so it has no adapter; export the whole model without --adapter")
+    if method != "lora":
+        restored = restore.restore_run(source)
+        peft.save_virtual_tokens(out if adapter_only else os.path.join(out, "adapter"), method,
+                                 restored.trainable[method], model_cfg=restored.run.model_cfg)
+        if adapter_only:
+            return out
+        model = peft_methods.base_model(nnx.merge(restored.run.graphdef, jax.jit(
+            restored.run.merge)(restored.trainable, restored.frozen)))
+    elif is_lora:
         restored = restore.restore_run(source)
         run = restored.run
         trainable = restored.trainable

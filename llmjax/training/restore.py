@@ -6,7 +6,9 @@
 A model path is a workdir (its newest checkpoint), WORKDIR/checkpoints/STEP or
 WORKDIR/best/STEP, an imported directory, or a Hugging Face directory (llmjax.workdir).
 A LoRA run is rebuilt as it trained (llmjax.training.setup): its frozen weights come from
-its init_from (or its seed), its adapters from the checkpoint.
+its init_from (or its seed), its adapters from the checkpoint. So is a prefix- or
+prompt-tuning run, but `load_model` refuses one: its virtual tokens do not merge into
+weights, and the engine that generates and serves does not run them yet.
 """
 
 import dataclasses
@@ -20,12 +22,12 @@ import ml_collections
 from flax import nnx
 
 from llmjax import hf, workdir
-from llmjax.config import with_overrides
+from llmjax.config import base_config, with_overrides
 from llmjax.data.tokenizer import Tokenizer, load_tokenizer
 from llmjax.hf.writer import TOKENIZER_FILES
 from llmjax.models import build_model
 from llmjax.parallel import sharding
-from llmjax.training import checkpoint, init_from, lora, setup
+from llmjax.training import checkpoint, init_from, lora, peft_methods, setup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +61,10 @@ def restore_run(path: str, *, best: bool = False, config_overrides: dict[str, An
     "eval_batches", or "mesh.fsdp" to place it on other devices).
     """
     run_dir, subdir, step = checkpoint_of(path, best)
-    config = with_overrides(ml_collections.ConfigDict(workdir.read_config(run_dir)),
-                            config_overrides or {})
+    config = ml_collections.ConfigDict(workdir.read_config(run_dir))
+    if "peft" not in config:  # written before config.peft existed: LoRA or every parameter
+        config.peft = base_config().peft
+    config = with_overrides(config, config_overrides or {})
     vocab_size = 0
     if not config.model.get("vocab_size") and not config.init_from:
         # Written before config.json recorded the tokenizer's size: read it back.
@@ -81,7 +85,10 @@ def load_model(path: str, *, mesh: jax.sharding.Mesh | None = None,
     if workdir.is_hf_dir(path):
         return hf.from_pretrained(path, mesh=mesh, rules=rules, **overrides)
     run_dir, subdir, step = checkpoint_of(path, best)
-    if lora.enabled(ml_collections.ConfigDict(workdir.read_config(run_dir)["lora"])):
+    run_config = workdir.read_config(run_dir)
+    if (method := peft_methods.method_of(run_config)) != "lora":
+        raise peft_methods.not_servable(path, method)
+    if lora.enabled(ml_collections.ConfigDict(run_config["lora"])):
         restored = restore_run(path, best=best, model_overrides=overrides)
         params = jax.jit(restored.run.merge)(restored.trainable, restored.frozen)
         return nnx.merge(restored.run.graphdef, params)

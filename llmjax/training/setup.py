@@ -4,8 +4,9 @@
     run = setup.assemble(config, data.tokenizer.vocab_size,   # nothing allocated yet
                          mask_id=data.tokenizer.mask_id)
     setup.check_data(run, data)   # token ids and labels the model can take
-    frozen = setup.frozen_weights(run)     # LoRA: the base weights (never trained); else None
-    state = setup.initial_state(run, frozen)   # fresh, init_from's weights, or new adapters
+    frozen = setup.frozen_weights(run)     # LoRA / virtual tokens: the base weights; else None
+    state = setup.initial_state(run, frozen)   # fresh, init_from's weights, new adapters or
+                                               # virtual tokens (llmjax.training.peft_methods)
     steps = setup.bind_steps(run, frozen)      # steps.train(state, batch), steps.evaluate(...)
 
 `assemble` resolves `init_from`, checks the task against the model, and builds the mesh,
@@ -30,7 +31,7 @@ from flax import nnx
 from llmjax.config import check_positions, check_task, validate
 from llmjax.models import ModelConfig, model_config
 from llmjax.parallel import sharding
-from llmjax.training import init_from, lora, optimizer, step
+from llmjax.training import init_from, lora, optimizer, peft_methods, step
 from llmjax.training.state import (
     TrainState,
     init_params,
@@ -95,7 +96,8 @@ def check_data(run: "Run", data: Data) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class FrozenLayout:
-    """LoRA: the weights that do not train (the whole model), where they live."""
+    """LoRA or virtual tokens: the weights that do not train (the whole model), where they
+    live."""
 
     abstract: Any  # pure dict of ShapeDtypeStructs
     shardings: Any  # matching pure dict of NamedShardings
@@ -113,7 +115,7 @@ class Run:
     rules: tuple
     schedule: optax.Schedule
     tx: optax.GradientTransformation
-    graphdef: nnx.GraphDef
+    graphdef: nnx.GraphDef  # the model's, or with virtual tokens (peft_methods.graphdef)
     abstract_state: TrainState
     state_shardings: TrainState
     frozen: FrozenLayout | None  # None: every parameter trains
@@ -130,15 +132,17 @@ class Run:
 
     @property
     def num_params(self) -> int:
-        """Parameters the model runs with (LoRA adapters counted on top of the weights)."""
+        """Parameters the model runs with (LoRA adapters and virtual tokens counted on top
+        of the weights; trained heads are among the weights)."""
         if self.frozen is None:
             return self.num_trainable
-        return lora.count(self.frozen.abstract) + lora.count(
-            self.abstract_state.params["adapters"])
+        return (lora.count(self.frozen.abstract) + self.num_trainable
+                - lora.count(self.abstract_state.params.get("heads", {})))
 
     def merge(self, trainable: Any, frozen: Any) -> Any:
-        """The parameters the model runs with (LoRA adapters merged into the weights)."""
-        return lora.model_params(trainable, frozen, self.config.lora)
+        """What `graphdef` runs with: the parameters (LoRA adapters merged into the
+        weights), and the virtual tokens of a prefix or prompt run."""
+        return peft_methods.model_params(trainable, frozen, self.config.lora, self.config.peft)
 
     def abstract_inputs(self) -> tuple[TrainState, dict[str, Any], Any]:
         """(state, global batch, frozen weights) as placed ShapeDtypeStructs, to lower the
@@ -175,7 +179,7 @@ def assemble(config: ml_collections.ConfigDict, vocab_size: int = 0,
     if model_overrides:
         model_cfg = dataclasses.replace(model_cfg, **model_overrides)
     check_task(config.task, model_cfg)
-    check_positions(config.seq_len, model_cfg)
+    check_positions(config.seq_len, model_cfg, peft_methods.num_virtual_tokens(config.peft))
     if config.task == "mlm" and config.mlm.mask_id < 0 and mask_id is not None:
         config.mlm.mask_id = mask_id  # the tokenizer's: config.json says it
     task = make_task(config.task, config.get("mlm"), model_cfg.vocab_size)
@@ -184,18 +188,22 @@ def assemble(config: ml_collections.ConfigDict, vocab_size: int = 0,
     schedule = optimizer.learning_rate_schedule(config.optimizer, config.num_train_steps)
     tx = optimizer.make_optimizer(config.optimizer, config.num_train_steps)
 
-    graphdef, abstract_params, params_shardings = params_layout(model_cfg, mesh, rules)
-    abstract_state, state_shardings = state_layout(abstract_params, params_shardings, tx,
-                                                   mesh, config.lora, config.seed)
-    frozen = None
-    if lora.enabled(config.lora):  # frozen weights: an argument of the step, not its state
+    model_graphdef, abstract_params, params_shardings = params_layout(model_cfg, mesh, rules)
+    graphdef = peft_methods.graphdef(model_graphdef, model_cfg, config.peft)
+    frozen, split = None, None
+    if peft_methods.freezes(config.lora, config.peft):  # an argument of the step, not state
         frozen = FrozenLayout(nnx.to_pure_dict(abstract_params), params_shardings,
                               lora.logical_axes(abstract_params))
+        split = functools.partial(_trainable, axes=frozen.axes, config=config,
+                                  model_cfg=model_cfg)
+    abstract_state, state_shardings = state_layout(abstract_params, params_shardings, tx,
+                                                   mesh, split)
     batch_sharding = sharding.batch_sharding(mesh, rules, config.global_batch_size)
     batch_shardings = {key: sharding.rank_sharding(batch_sharding, ndim)
                        for key, ndim in task.batch_ndims.items()}
 
-    merge = functools.partial(lora.model_params, lora_cfg=config.lora)
+    merge = functools.partial(peft_methods.model_params, lora_cfg=config.lora,
+                              peft_cfg=config.peft)
     frozen_shardings = None if frozen is None else frozen.shardings
     train_step = jax.jit(
         functools.partial(step.train_step, graphdef=graphdef, tx=tx, schedule=schedule,
@@ -213,9 +221,15 @@ def assemble(config: ml_collections.ConfigDict, vocab_size: int = 0,
                batch_shardings=batch_shardings, train_step=train_step, eval_step=eval_step)
 
 
+def _trainable(params: dict, *, axes: dict[str, tuple], config: ml_collections.ConfigDict,
+               model_cfg: ModelConfig) -> Any:
+    return peft_methods.split_trainable(params, axes, config.lora, config.peft, model_cfg,
+                                        config.seed)[0]
+
+
 def frozen_weights(run: Run) -> Any:
-    """LoRA: the model's weights, rebuilt on every start (init_from's, or seeded ones) and
-    never checkpointed. None when every parameter trains."""
+    """LoRA and virtual tokens: the model's weights, rebuilt on every start (init_from's,
+    or seeded ones) and never checkpointed. None when every parameter trains."""
     if run.frozen is None:
         return None
     with sharding.activate(run.mesh, run.rules):
@@ -227,12 +241,13 @@ def frozen_weights(run: Run) -> Any:
 
 
 def initial_state(run: Run, frozen: Any) -> TrainState:
-    """Step 0: fresh adapters around `frozen` (LoRA), init_from's weights, or fresh ones."""
+    """Step 0: fresh adapters or virtual tokens around `frozen`, init_from's weights, or
+    fresh ones."""
     config, tx, shardings = run.config, run.tx, run.state_shardings
     with sharding.activate(run.mesh, run.rules):
         if frozen is not None:
-            return jax.jit(lambda p: state_from_params(lora.split_trainable(
-                p, run.frozen.axes, config.lora, config.seed)[0], tx),
+            return jax.jit(lambda p: state_from_params(_trainable(
+                p, axes=run.frozen.axes, config=config, model_cfg=run.model_cfg), tx),
                 out_shardings=shardings)(frozen)
         if config.init_from:
             params = init_from.load_params(config.init_from, run.model_cfg, shardings.params,

@@ -1,10 +1,12 @@
 """The train state, and its layout: shapes and shardings known before any weight exists.
 
-The state holds what trains. Without LoRA that is every parameter; with LoRA it is the
-trainable tree of llmjax.training.lora (adapters and trained heads), and the frozen
-weights live outside the state (an argument of the step, never checkpointed).
+The state holds what trains. Without LoRA or virtual tokens that is every parameter;
+with them it is the trainable tree of llmjax.training.peft_methods (adapters and trained
+heads, or virtual tokens), and the frozen weights live outside the state (an argument of
+the step, never checkpointed).
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -15,7 +17,6 @@ from flax import nnx, traverse_util
 
 from llmjax.models import ModelConfig, build_model
 from llmjax.parallel import sharding
-from llmjax.training import lora
 
 
 @flax.struct.dataclass
@@ -42,26 +43,27 @@ def params_layout(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: Any
     return graphdef, abstract, sharding.param_shardings(abstract, mesh, rules)
 
 
-def state_layout(abstract_params: nnx.State, params_shardings: Any, tx, mesh, lora_cfg: Any,
-                 seed: int) -> tuple[TrainState, TrainState]:
+def state_layout(abstract_params: nnx.State, params_shardings: Any, tx, mesh,
+                 split: Callable[[dict], Any] | None = None) -> tuple[TrainState, TrainState]:
     """(abstract train state, its shardings) for the parameters `abstract_params`.
 
-    With LoRA (`lora_cfg.rank` > 0) the state holds the trainable tree: adapters are
-    replicated (they are small), trained heads keep their parameter's sharding.
+    `split`: parameters -> the trainable tree (LoRA, virtual tokens); None: every
+    parameter trains. In a trainable tree adapters and virtual tokens are replicated (they
+    are small) and trained heads keep their parameter's sharding.
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     pure = nnx.to_pure_dict(abstract_params)
-    if lora.enabled(lora_cfg):
-        axes = lora.logical_axes(abstract_params)
-        abstract = jax.eval_shape(lambda p: state_from_params(
-            lora.split_trainable(p, axes, lora_cfg, seed)[0], tx), pure)
+    if split is not None:
+        abstract = jax.eval_shape(lambda p: state_from_params(split(p), tx), pure)
         flat_shardings = traverse_util.flatten_dict(params_shardings, sep="/")
         params_shardings = {
-            "adapters": jax.tree.map(lambda _: replicated, abstract.params["adapters"]),
-            "heads": traverse_util.unflatten_dict(
+            key: jax.tree.map(lambda _: replicated, tree) for key, tree in
+            abstract.params.items() if key != "heads"}
+        if "heads" in abstract.params:
+            params_shardings["heads"] = traverse_util.unflatten_dict(
                 {path: flat_shardings[path]
                  for path in traverse_util.flatten_dict(abstract.params["heads"], sep="/")},
-                sep="/")}
+                sep="/")
     else:
         abstract = jax.eval_shape(lambda p: state_from_params(p, tx), pure)
     shardings = TrainState(
