@@ -159,8 +159,9 @@ def compare_with_reference(config: ml_collections.ConfigDict, steps: int, warmup
                                                                     baselines.SEQ),
                                                dtype=np.int32)
     workers, info, results, rss = {}, {}, {}, {}
+    groups = reference_rows(list(levers))
     try:
-        for group in reference_rows(list(levers)):
+        for number, group in enumerate(groups):
             for row in group:
                 if row.key not in workers:
                     workers[row.key] = baselines.Worker(row.key, env=row.env)
@@ -171,14 +172,16 @@ def compare_with_reference(config: ml_collections.ConfigDict, steps: int, warmup
                 if key in results:  # timed in an earlier group too: keep every timing
                     timed = {**timed, "all": results[key]["all"] + timed["all"]}
                 results[key] = timed
-            for row in group[1:] if len(group) == 2 else ():  # a lever: done with it
-                rss[row.key] = peak_rss_bytes(workers[row.key].proc.pid)
-                workers.pop(row.key).close()
-        rss.update({key: peak_rss_bytes(w.proc.pid) for key, w in workers.items()})
+            # Close the workers no later group times: each holds gigabytes (on jemalloc,
+            # its largest step's), and a 24 GiB machine holds about six.
+            later = {row.key for g in groups[number + 1:] for row in g}
+            for key in [key for key in workers if key not in later]:
+                rss[key] = peak_rss_bytes(workers[key].proc.pid)
+                workers.pop(key).close()
     finally:
         for worker in workers.values():
             worker.close()
-    labels = {row.key: row.label for group in reference_rows(list(levers)) for row in group}
+    labels = {row.key: row.label for group in groups for row in group}
     default = next(iter(labels))
     ours = info[default]
     return [_measurement(labels[key], results[key], info[key], rss.get(key), ours)
