@@ -3,13 +3,18 @@
 Run:      python -m llmjax.bench --config=configs/bench_reference.py \
               --reference=../shared/bench/baselines.py
 Hardware: a CPU (the reference numbers were taken on 2 AVX2 cores); needs torch and
-          transformers for the HF row (the `test` extra) and, for the mimalloc row,
-          cmeel-mimalloc (the `cpu-fast` extra).
-Expect:   about 4 minutes on 2 cores; one table with llmjax, the plain-JAX reference
-          and HF torch eager (sdpa) on the same Llama-style model (vocab 8192, hidden
-          512, 8 layers, 8 heads, SwiGLU 1408, untied, fp32; batch 8 x 512, AdamW).
-          Measured 2026-12-01 on 2 cores (median tok/s, one interleaved run): llmjax
-          815, plain JAX 979, HF torch eager 734, llmjax + mimalloc 556.
+          transformers for the HF rows (the `test` extra), and jemalloc for the jemalloc
+          rows (Debian/Ubuntu `libjemalloc2`; without it, glibc rows only).
+Expect:   about 10 minutes on 2 cores, 3 more per --levers entry; one table with llmjax,
+          the plain-JAX reference and HF torch eager (sdpa) on the same Llama-style model
+          (vocab 8192, hidden 512, 8 layers, 8 heads, SwiGLU 1408, untied, fp32; batch
+          8 x 512, AdamW), each on jemalloc and on glibc's malloc.
+          Measured 2026-12-01 on 2 AMD EPYC cores (AVX2), median tok/s of one interleaved
+          run (--levers=onednn,ynn; the ynn worker was killed for memory before the table
+          printed, so these are its per-step timings): jemalloc: llmjax 301, plain JAX
+          331, HF torch eager 393; glibc: 269, 282, 352. --xla_cpu_use_onednn=true, timed
+          beside llmjax on jemalloc in a group of its own (with the machine's memory
+          nearly full, which slowed both): 289 against 269, +7.3%.
 The rest of the gap to plain JAX, measured on CPU: segment ids (the packed batches that
 training feeds; the reference has none) cost about 5% (--nopacked leaves them out), and
 the microbatch scan about 3%. The flat (batch * seq, embed) residual stream that both
