@@ -23,9 +23,9 @@ compilation.
 import os
 import sys
 
-JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",  # Debian, Ubuntu
                   "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
-                  "/usr/local/lib/libjemalloc.so.2", "/opt/homebrew/lib/libjemalloc.2.dylib")
+                  "/usr/local/lib/libjemalloc.so.2")
 # retain: keep freed address space mapped; the decays at -1: never purge its pages.
 JEMALLOC_CONF = "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 CACHE_MAX_BYTES = 4 << 30
