@@ -20,7 +20,7 @@ from absl import app, flags, logging
 
 from llmjax import runtime
 
-# TensorFlow (loaded by TFDS and the TensorBoard writer) prints C++ start-up logs.
+# TensorFlow (loaded by TFDS) prints C++ start-up logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # transformers warns "PyTorch was not found" on import; llmjax uses it for tokenizers only.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
