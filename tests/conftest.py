@@ -57,6 +57,26 @@ def make_config():
     return tiny_config
 
 
+def straight_and_resumed_losses(tmp_path, **overrides):
+    """({step: train/loss} of 8 steps straight, the same of 4 steps then a resume to 8), for
+    a tiny run with `overrides` (checkpoints every 4 steps, a constant learning rate)."""
+    import json
+
+    from llmjax.training.loop import train_and_evaluate
+
+    def run(workdir, steps):
+        train_and_evaluate(tiny_config(num_train_steps=steps, checkpoint_every_steps=4,
+                                       eval_every_steps=8, **{
+                                           "optimizer.schedule": "constant", **overrides}),
+                           workdir)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+
+    straight = run(str(tmp_path / "straight"), 8)
+    run(str(tmp_path / "resumed"), 4)
+    return straight, run(str(tmp_path / "resumed"), 8)
+
+
 def write_text_tfds(data_dir, name, splits):
     """A TFDS dataset with a `text` feature, in array_record files, as `tfds build` makes."""
     import tensorflow_datasets as tfds

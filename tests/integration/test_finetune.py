@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import documented_metric_keys, tiny_config
+from conftest import documented_metric_keys, straight_and_resumed_losses, tiny_config
 from flax import nnx, traverse_util
 
 from llmjax import hf
@@ -318,17 +318,7 @@ def test_exporting_a_lora_run_merges_its_adapters(tmp_path):
 
 def test_lora_run_resumes_to_the_same_losses(tmp_path):
     # Checkpoints hold the adapters alone; the frozen weights are rebuilt from the seed.
-    def run(workdir, steps):
-        train_and_evaluate(tiny_config(num_train_steps=steps, checkpoint_every_steps=4,
-                                       eval_every_steps=8, **{
-                                           "lora.rank": 4, "optimizer.schedule": "constant"}),
-                           workdir)
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
-
-    straight = run(str(tmp_path / "straight"), 8)
-    run(str(tmp_path / "resumed"), 4)
-    resumed = run(str(tmp_path / "resumed"), 8)
+    straight, resumed = straight_and_resumed_losses(tmp_path, **{"lora.rank": 4})
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6), step

@@ -7,14 +7,12 @@ to be served, and a prompt run resumes to the same losses.
     python -m pytest tests/integration/test_prefix_prompt.py -s   # prints the differences
 """
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import straight_and_resumed_losses, tiny_config
 from flax import nnx
 from hf_models import make_hf_model
 from safetensors.numpy import load_file
@@ -82,18 +80,8 @@ def test_a_prefix_run_exports_to_its_logits_and_is_not_served(tmp_path):
 
 def test_a_prompt_run_resumes_to_the_same_losses(tmp_path):
     # Checkpoints hold the soft prompt alone; the frozen weights are rebuilt from the seed.
-    def run(workdir, steps):
-        train_and_evaluate(tiny_config(num_train_steps=steps, checkpoint_every_steps=4,
-                                       eval_every_steps=8, **{
-                                           "peft.method": "prompt",
-                                           "peft.num_virtual_tokens": 4,
-                                           "optimizer.schedule": "constant"}), workdir)
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
-
-    straight = run(str(tmp_path / "straight"), 8)
-    run(str(tmp_path / "resumed"), 4)
-    resumed = run(str(tmp_path / "resumed"), 8)
+    straight, resumed = straight_and_resumed_losses(
+        tmp_path, **{"peft.method": "prompt", "peft.num_virtual_tokens": 4})
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6), step
