@@ -38,21 +38,30 @@ def commands(args, train_args: list[str]) -> list[tuple[dict[str, str], list[str
                "LLMJAX_PROCESS_ID": str(pid)}
         if args.devices_per_process:
             env["JAX_PLATFORMS"] = "cpu"
-            env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count="
-                                f"{args.devices_per_process}")
+            inherited = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                         if not flag.startswith("--xla_force_host_platform_device_count")]
+            env["XLA_FLAGS"] = " ".join([*inherited, "--xla_force_host_platform_device_"
+                                         f"count={args.devices_per_process}"])
         out.append((env, [args.python, "-m", "llmjax.train", *train_args]))
     return out
 
 
-# Gloo prints a line per collective context it connects (about 8 for two processes),
-# interleaved with the run's own output; each process gets one line for all of them.
-GLOO_CONNECTED = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+# Gloo prints a message per collective context it connects (about 8 for two processes),
+# from several threads at once, so the pieces of its messages can interleave within and
+# across lines ("[Gloo] Rank [Gloo] Rank 0 is connected to ..."). A line made only of such
+# pieces is Gloo's; each process gets one line for all of them.
+GLOO_PIECES = re.compile(r"(?:\[Gloo\] Rank |is connected to|peer ranks\.?|Expected number of "
+                         r"connected peer ranks is :|\d+|\s+)+")
+
+
+def is_gloo_connected(line: str) -> bool:
+    return ("[Gloo]" in line or "peer ranks" in line) and bool(GLOO_PIECES.fullmatch(line))
 
 
 def stream(prefix: str, pipe, sink) -> None:
     connected = False
     for line in pipe:
-        if GLOO_CONNECTED.match(line):
+        if is_gloo_connected(line):
             if connected:
                 continue
             connected = True

@@ -5,6 +5,8 @@
     tfds:NAME[/CONFIG][:SPLIT][#TEXT+LABEL]   e.g. tfds:imdb_reviews:train,
                                  tfds:glue/sst2:train#sentence+label (prepared, never downloaded)
     bundled:sentiment            600 synthetic two-class records (llmjax.data.sentiment)
+    bundled:word_order           600 lines of the plays, as written or shuffled
+                                 (llmjax.data.word_order)
 
 Labels are integers 0..num_labels-1. Each row is one example: [bos] + tokens, cut to
 `seq_len`, padded with segment id 0 (BERT pools the first token, decoders the last real one).
@@ -21,10 +23,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from llmjax.data import sentiment, sources
+from llmjax.data import sentiment, sources, word_order
 from llmjax.data.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_FIELDS = ("text", "label")
+BUNDLED = {"sentiment": sentiment.examples, "word_order": word_order.examples}
 
 
 def parse(source: str, key: str) -> tuple[str, str, str, tuple[str, str]]:
@@ -33,10 +36,10 @@ def parse(source: str, key: str) -> tuple[str, str, str, tuple[str, str]]:
     location, hash_, field_text = rest.rpartition("#") if "#" in rest else (rest, "", "")
     fields = tuple(field_text.split("+")) if hash_ else DEFAULT_FIELDS
     if (kind not in ("jsonl", "csv", "tfds", "bundled") or not location or len(fields) != 2
-            or (kind == "bundled" and location != "sentiment")):
+            or (kind == "bundled" and location not in BUNDLED)):
         raise ValueError(f"{key}={source!r}: a classification source is jsonl:GLOB, csv:GLOB, "
                          "tfds:NAME[:SPLIT], optionally with #TEXT_FIELD+LABEL_FIELD, or "
-                         "bundled:sentiment")
+                         + " or ".join(f"bundled:{name}" for name in BUNDLED))
     split = "train"
     if kind == "tfds":
         location, _, split = location.partition(":")
@@ -49,7 +52,7 @@ def read_examples(source: str, key: str, data_dir: str | None = None
     """(texts, int labels) of every example of `source`, in file order."""
     kind, location, split, (text_field, label_field) = parse(source, key)
     if kind == "bundled":
-        texts, labels = sentiment.examples()
+        texts, labels = BUNDLED[location]()
         return texts, np.asarray(labels, np.int32)
     if kind == "tfds":
         spec = sources.parse_source(f"tfds:{location}:{split}", key)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+from conftest import xla_flags
 from hf_models import make_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,7 +49,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def server(model: str, *flags: str, ready_timeout: float = 300) -> Iterator["Server"]:
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1), HF_HUB_OFFLINE="1")
     process = subprocess.Popen(
         [sys.executable, "-m", "llmjax.serve", f"--model={model}", f"--port={port}",
          "--max_seq_len=96", "--max_slots=4", *flags],

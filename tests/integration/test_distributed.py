@@ -1,6 +1,8 @@
 """Multi-process training through the local launcher, preemption by SIGTERM, the
 launchers' dry runs, and the fit check of the Llama 3 8B config on a 64-device mesh."""
 
+import importlib.util
+import io
 import json
 import os
 import re
@@ -11,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The default config, shrunk so that three short runs fit in a test.
@@ -24,7 +27,7 @@ SMALL_DEFAULT = ["--config=configs/shakespeare.py", "--config.num_train_steps=8"
 
 def env_with_devices(count):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
+    env["XLA_FLAGS"] = xla_flags(count)
     return env
 
 
@@ -104,6 +107,25 @@ def dry_run(script, *args):
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()
+
+
+def test_local_launcher_folds_interleaved_gloo_messages_into_one_line():
+    spec = importlib.util.spec_from_file_location("local_launcher", f"{REPO}/launch/local.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    message = "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer "
+    lines = ["Runtime: allocator jemalloc\n", message + "ranks is : 1\n",
+             # two of Gloo's threads writing at once: pieces within and across lines
+             "[Gloo] Rank [Gloo] Rank 0 is connected to [Gloo] Rank 0 is connected to 1 peer "
+             "ranks. Expected number of connected peer ranks is : 1\n",
+             "1 peer ranks. Expected number of connected peer ranks is : 1\n",
+             "step 1/8 | train/loss 5.5\n", message + "ranks is : 1\n"]
+    out = io.StringIO()
+    launcher.stream("p0", iter(lines), out)
+    assert out.getvalue().splitlines() == [
+        "[p0] Runtime: allocator jemalloc",
+        "[p0] connected to the other processes (gloo collectives)",
+        "[p0] step 1/8 | train/loss 5.5"]
 
 
 def test_local_launcher_dry_run():

@@ -1,7 +1,7 @@
 """Masked-LM pretraining end to end: BERT's masked-LM head against transformers'
 BertForMaskedLM (a tiny random model built here, never downloaded), and
 configs/bert_mlm.py:tiny trained once: resumed to the same losses, exported, and a
-classifier (configs/bert_sentiment.py:tiny) fine-tuned from it."""
+classifier (configs/bert_word_order.py, pointed at that run) fine-tuned from it."""
 
 import importlib
 import json
@@ -113,7 +113,7 @@ def test_pretrain_export_and_fine_tune_from_the_run(pretrained, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").mask_token == "<mask>"
 
     # A classifier from the run: its encoder, a fresh pooler and classifier.
-    config = importlib.import_module("configs.bert_sentiment").get_config("tiny")
+    config = importlib.import_module("configs.bert_word_order").get_config()
     config.init_from = pretrained
     config.data.tokenizer = os.path.join(pretrained, "tokenizer")
     config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 2, 2, 2

@@ -12,6 +12,7 @@ from conftest import tiny_config
 
 from llmjax.training.loop import train_and_evaluate
 
+wandb = pytest.importorskip("wandb")
 wandb_internal_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
 _BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of framed chunks
@@ -83,6 +84,9 @@ def test_wandb_run_logs_what_metrics_jsonl_logs_and_a_rerun_continues_it(
                                                "logging.wandb_tags": "a, b"})
     train_and_evaluate(config, str(workdir))
     train_and_evaluate(config, str(workdir))  # all trained: restores, logs nothing new
+    # W&B's service process writes the .wandb files behind finish(); a short run's file can
+    # still be in its buffer. Stopping the service (as the exit of a command does) flushes it.
+    wandb.teardown()
 
     # Each start wrote into the workdir's wandb/, a directory each, under one run id.
     runs = sorted(glob.glob(str(workdir / "wandb" / "offline-run-*")))
