@@ -1,6 +1,7 @@
 """Every test sees 8 simulated CPU devices (set before JAX initialises)."""
 
 import os
+import sys
 
 # Tests compile at LLVM's lowest optimisation level: their models are tiny, so compiling
 # is most of what they cost (a whole tiny `python -m llmjax.train`: 19-25 s at the default
@@ -18,6 +19,10 @@ def xla_flags(devices: int) -> str:
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     # (a process started by a test may have been given its own count)
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()
+# The hundreds of processes the tests start import jax, transformers and torch: with
+# PYTHONDONTWRITEBYTECODE set (machines of CI's kind set it), each compiles them again.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False  # and this process keeps what it compiles from here on
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session's tests, both pytest workers and the
