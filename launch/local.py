@@ -38,10 +38,9 @@ def commands(args, train_args: list[str]) -> list[tuple[dict[str, str], list[str
                "LLMJAX_PROCESS_ID": str(pid)}
         if args.devices_per_process:
             env["JAX_PLATFORMS"] = "cpu"
-            inherited = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
-                         if not flag.startswith("--xla_force_host_platform_device_count")]
-            env["XLA_FLAGS"] = " ".join([*inherited, "--xla_force_host_platform_device_"
-                                         f"count={args.devices_per_process}"])
+            count = "--xla_force_host_platform_device_count"  # the user's other flags stay
+            kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+            env["XLA_FLAGS"] = " ".join([*kept, f"{count}={args.devices_per_process}"])
         out.append((env, [args.python, "-m", "llmjax.train", *train_args]))
     return out
 

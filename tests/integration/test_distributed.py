@@ -13,7 +13,7 @@ import sys
 import time
 
 import numpy as np
-from conftest import xla_flags
+from conftest import TEST_XLA_FLAGS, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The default config, shrunk so that three short runs fit in a test.
@@ -136,6 +136,7 @@ def test_local_launcher_dry_run():
         assert line.startswith("LLMJAX_COORDINATOR_ADDRESS=localhost:7777 "
                                f"LLMJAX_NUM_PROCESSES=2 LLMJAX_PROCESS_ID={pid} ")
         assert "--xla_force_host_platform_device_count=4" in line
+        assert TEST_XLA_FLAGS in line  # the caller's other XLA flags are kept
         assert line.endswith("-m llmjax.train --config=configs/shakespeare.py")
 
 
