@@ -120,9 +120,11 @@ class Row:
 
 
 def reference_rows(levers: list[str]) -> list[list[Row]]:
-    """Groups of rows, each group timed round-robin. The first: llmjax, plain JAX and torch
-    on the allocator llmjax's commands use (jemalloc, when installed) and on glibc's, so
-    every ratio compares like with like; then one group per lever, beside the first row."""
+    """Groups of rows, each group timed round-robin: llmjax, plain JAX and torch on the
+    allocator llmjax's commands use (jemalloc, when installed), then one group per lever
+    beside that llmjax row, then the three on glibc's malloc. Every ratio compares rows of
+    one group, like with like; a group at a time keeps at most three workers of gigabytes
+    each alive (all six at once were killed for memory on a 24 GiB machine)."""
     jemalloc = runtime.jemalloc_path()
     allocators = {"glibc": {"LD_PRELOAD": ""}}
     if jemalloc:
@@ -130,8 +132,10 @@ def reference_rows(levers: list[str]) -> list[list[Row]]:
                       **allocators}
     else:
         print("no jemalloc here (apt-get install libjemalloc2): glibc rows only", flush=True)
-    first = [Row(f"{kind}_{name}", f"{LABELS[kind]}, {name}", kind, env)
-             for name, env in allocators.items() for kind in ("llmjax", "jax", "torch")]
+    per_allocator = [[Row(f"{kind}_{name}", f"{LABELS[kind]}, {name}", kind, env)
+                      for kind in ("llmjax", "jax", "torch")]
+                     for name, env in allocators.items()]
+    first = per_allocator[0]
     groups = [first]
     flags = os.environ.get("XLA_FLAGS", "")
     for lever in levers:
@@ -140,7 +144,7 @@ def reference_rows(levers: list[str]) -> list[list[Row]]:
         env = {**first[0].env, "XLA_FLAGS": f"{flags} {LEVERS[lever]}".strip()}
         groups.append([first[0], Row(f"llmjax_{lever}", f"{first[0].label} + {LEVERS[lever]}",
                                      "llmjax", env)])
-    return groups
+    return groups + per_allocator[1:]
 
 
 def compare_with_reference(config: ml_collections.ConfigDict, steps: int, warmup: int,

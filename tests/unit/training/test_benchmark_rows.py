@@ -1,5 +1,5 @@
-"""The --reference benchmark's rows: every ratio compares stacks on one allocator, and each
-lever is timed beside the default row."""
+"""The --reference benchmark's rows: every ratio compares stacks timed in one group on one
+allocator, and each lever is timed beside the default row."""
 
 import pytest
 
@@ -8,17 +8,19 @@ from llmjax.training import benchmark_reference
 from llmjax.training.benchmark import Measurement
 
 
-def test_each_allocator_has_all_three_stacks_and_levers_sit_beside_the_default():
+def test_each_allocator_is_a_group_of_all_three_stacks_and_levers_sit_beside_the_default():
     groups = benchmark_reference.reference_rows(["onednn", "ynn"])
-    first = groups[0]
     allocators = ["jemalloc", "glibc"] if runtime.jemalloc_path() else ["glibc"]
-    assert [r.label.split(", ")[-1] for r in first] == [a for a in allocators for _ in range(3)]
-    assert [r.kind for r in first] == ["llmjax", "jax", "torch"] * len(allocators)
-    for row in first:  # the same allocator settings whatever the stack
-        assert row.env == first[0].env or row.label.endswith("glibc")
-    assert [g[0] for g in groups[1:]] == [first[0], first[0]]
-    assert "--xla_cpu_use_onednn=true" in groups[1][1].env["XLA_FLAGS"]
-    assert groups[1][1].env["LD_PRELOAD"] == first[0].env["LD_PRELOAD"]
+    first, levers, rest = groups[0], groups[1:3], groups[3:]
+    per_allocator = [first, *rest]  # one group each: at most three workers alive at once
+    assert [[r.label.split(", ")[-1] for r in g] for g in per_allocator] == [
+        [a] * 3 for a in allocators]
+    for group in per_allocator:
+        assert [r.kind for r in group] == ["llmjax", "jax", "torch"]
+        assert all(r.env == group[0].env for r in group)  # the same allocator settings
+    assert [g[0] for g in levers] == [first[0], first[0]]
+    assert "--xla_cpu_use_onednn=true" in levers[0][1].env["XLA_FLAGS"]
+    assert levers[0][1].env["LD_PRELOAD"] == first[0].env["LD_PRELOAD"]
     with pytest.raises(ValueError, match="--levers=mkl: choose from onednn"):
         benchmark_reference.reference_rows(["mkl"])
 
