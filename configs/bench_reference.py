@@ -5,21 +5,26 @@ Run:      python -m llmjax.bench --config=configs/bench_reference.py \
 Hardware: a CPU (the reference numbers were taken on 2 AVX2 cores); needs torch and
           transformers for the HF rows (the `test` extra), and jemalloc for the jemalloc
           rows (Debian/Ubuntu `libjemalloc2`; without it, glibc rows only).
-Expect:   about 10 minutes on 2 cores, 3 more per --levers entry; one table with llmjax,
-          the plain-JAX reference and HF torch eager (sdpa) on the same Llama-style model
-          (vocab 8192, hidden 512, 8 layers, 8 heads, SwiGLU 1408, untied, fp32; batch
+Expect:   about 6 to 10 minutes on 2 cores, 3 more per --levers entry; one table with
+          llmjax, the plain-JAX reference and HF torch eager (sdpa) on the same Llama-style
+          model (vocab 8192, hidden 512, 8 layers, 8 heads, SwiGLU 1408, untied, fp32; batch
           8 x 512, AdamW), each on jemalloc and on glibc's malloc.
-          Measured 2026-12-01 on 2 AMD EPYC cores (AVX2), median tok/s of one interleaved
-          run (--levers=onednn,ynn; the ynn worker was killed for memory before the table
-          printed, so these are its per-step timings): jemalloc: llmjax 301, plain JAX
-          331, HF torch eager 393; glibc: 269, 282, 352. --xla_cpu_use_onednn=true, timed
-          beside llmjax on jemalloc in a group of its own (with the machine's memory
-          nearly full, which slowed both): 289 against 269, +7.3%.
-The rest of the gap to plain JAX, measured on CPU: segment ids (the packed batches that
-training feeds; the reference has none) cost about 5% (--nopacked leaves them out), and
-the microbatch scan about 3%. The flat (batch * seq, embed) residual stream that both
-use is worth about 20% on XLA:CPU (llmjax went from 730 to 876 tok/s with --nopacked
-when it adopted it; baselines.py's own 3-D variant runs 4.55 s/step against 3.80).
+          Measured 2026-12-06 on 2 Intel Xeon cores (AVX-512, AMX-BF16), median tok/s of
+          one run: jemalloc: llmjax 791, plain JAX 830, HF torch eager 1,031; glibc: 426,
+          561, 957. Before the layer scan was unrolled on CPUs (model.scan_unroll=0), the
+          same machine gave llmjax 708 against plain JAX 838 and torch 1,113.
+          Measured 2026-12-01 on 2 AMD EPYC cores (AVX2), before that change: jemalloc:
+          llmjax 301, plain JAX 331, HF torch eager 393; glibc: 269, 282, 352.
+          --xla_cpu_use_onednn=true, timed beside llmjax on jemalloc in a group of its own
+          (with the machine's memory nearly full, which slowed both): 289 against 269, +7.3%.
+Where the gap to plain JAX went, measured on CPU: XLA:CPU's rolled loop over the layers
+copies each layer's saved activations into stacked buffers and back (11% of the step on
+the Intel machine; model.scan_unroll=0 unrolls it on a CPU). Segment ids (the packed
+batches that training feeds; the reference has none) cost about 5% on the AMD machine and
+nothing measurable on the Intel one (--nopacked leaves them out). The flat (batch * seq,
+embed) residual stream that both use is worth about 20% on XLA:CPU (llmjax went from 730
+to 876 tok/s with --nopacked when it adopted it; baselines.py's own 3-D variant runs
+4.55 s/step against 3.80).
 Besides the reference: AdamW here masks weight decay off the norm scales (optax.adamw in
 baselines.py decays them too); it costs no time.
 """

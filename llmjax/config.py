@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
     c.model.scan_layers = True
+    c.model.scan_unroll = 0  # layers per scan iteration; 0: all on a CPU, 1 elsewhere
     c.model.remat_policy = "none"
     c.model.attention_impl = "auto"  # auto | xla | splash | flash | cudnn (see README)
     c.model.attention_block_q = 0  # splash / flash tiles; 0: chosen by length and head_dim

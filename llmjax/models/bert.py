@@ -24,6 +24,7 @@ from llmjax.models.layers import (
     LayerNorm,
     MultiHeadAttention,
     check_choice,
+    check_scan_unroll,
     constrain,
     param,
     run_blocks,
@@ -46,6 +47,7 @@ class BertConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     scan_layers: bool = True
+    scan_unroll: int = 0  # layers per scan iteration; 0: all on a CPU, 1 elsewhere
     remat_policy: str = "none"
     attention_impl: str = "auto"  # auto | xla | splash | flash | cudnn (attention_kernels)
     attention_block_q: int = 0  # Pallas kernels' query tile; 0: chosen by length, head_dim
@@ -66,6 +68,7 @@ class BertConfig:
         check_choice("activation", self.activation, GELU_APPROXIMATE)
         check_choice("attention_impl", self.attention_impl, KERNELS)
         check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        check_scan_unroll(self.scan_unroll)
 
     @property
     def head_dim(self) -> int:
@@ -172,4 +175,4 @@ class Bert(nnx.Module):
         x = self.embed_norm(x.astype(DTYPES[cfg.dtype]))
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         return run_blocks(self.blocks, x, segment_ids, scan_layers=cfg.scan_layers,
-                          remat_policy=cfg.remat_policy)
+                          scan_unroll=cfg.scan_unroll, remat_policy=cfg.remat_policy)

@@ -23,6 +23,7 @@ from llmjax.models.layers import (
     LayerNorm,
     MultiHeadAttention,
     check_choice,
+    check_scan_unroll,
     classify_last_token,
     constrain,
     lookup,
@@ -48,6 +49,7 @@ class GPT2Config:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     scan_layers: bool = True
+    scan_unroll: int = 0  # layers per scan iteration; 0: all on a CPU, 1 elsewhere
     remat_policy: str = "none"
     attention_impl: str = "auto"  # auto | xla | splash | flash | cudnn (attention_kernels)
     attention_block_q: int = 0  # Pallas kernels' query tile; 0: chosen by length, head_dim
@@ -70,6 +72,7 @@ class GPT2Config:
         check_choice("activation", self.activation, GELU_APPROXIMATE)
         check_choice("attention_impl", self.attention_impl, KERNELS)
         check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        check_scan_unroll(self.scan_unroll)
 
     @property
     def head_dim(self) -> int:
@@ -192,11 +195,12 @@ class GPT2(nnx.Module):
             x = x + lookup(self.pos_embed, positions)
             x = constrain(x.astype(DTYPES[cfg.dtype]), ("act_batch", "act_length", "act_embed"))
             x = run_blocks(self.blocks, x, None, mask, scan_layers=cfg.scan_layers,
-                           remat_policy=cfg.remat_policy, per_layer=prefix)
+                           scan_unroll=cfg.scan_unroll, remat_policy=cfg.remat_policy,
+                           per_layer=prefix)
             x = self.final_norm(x)
             return x if prompt is None else drop_prompt(x, tokens.shape[0], num)
         x = lookup(self.embed, tokens) + lookup(self.pos_embed, positions)
         x = constrain(x.astype(DTYPES[cfg.dtype]), ("act_batch", "act_length", "act_embed"))
         x = run_blocks(self.blocks, x, segment_ids, scan_layers=cfg.scan_layers,
-                       remat_policy=cfg.remat_policy)
+                       scan_unroll=cfg.scan_unroll, remat_policy=cfg.remat_policy)
         return self.final_norm(x)

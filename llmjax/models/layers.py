@@ -317,11 +317,14 @@ def classify_last_token(x: jax.Array, segment_ids: jax.Array | None,
 
 
 def run_blocks(blocks: nnx.Module, x: jax.Array, *args, scan_layers: bool,
-               remat_policy: str, per_layer: jax.Array | None = None) -> jax.Array:
+               remat_policy: str, per_layer: jax.Array | None = None,
+               scan_unroll: int = 1) -> jax.Array:
     """x through a stack of blocks made with nnx.vmap (parameters on a leading `layers`
-    axis): `block(x, *args)` for each layer, under jax.lax.scan or unrolled. `per_layer`
-    [layers, ...] (a prefix's keys and values): layer i's slice is the block's last argument."""
+    axis): `block(x, *args)` for each layer, under jax.lax.scan (`scan_unroll` layers an
+    iteration, see `layers_per_iteration`) or unrolled. `per_layer` [layers, ...] (a
+    prefix's keys and values): layer i's slice is the block's last argument."""
     block_graph, block_state = nnx.split(blocks)
+    num_layers = jax.tree.leaves(block_state)[0].shape[0]
 
     def run_block(x, layer):
         layer_state, layer_input = layer
@@ -330,11 +333,30 @@ def run_blocks(blocks: nnx.Module, x: jax.Array, *args, scan_layers: bool,
 
     run_block = remat(run_block, remat_policy)
     if scan_layers:
-        return jax.lax.scan(run_block, x, (block_state, per_layer))[0]
-    num_layers = jax.tree.leaves(block_state)[0].shape[0]
+        unroll = layers_per_iteration(scan_unroll, num_layers)
+        return jax.lax.scan(run_block, x, (block_state, per_layer), unroll=unroll)[0]
     for i in range(num_layers):
         x, _ = run_block(x, jax.tree.map(lambda a, i=i: a[i], (block_state, per_layer)))
     return x
+
+
+def layers_per_iteration(scan_unroll: int, num_layers: int) -> int:
+    """How many layers one iteration of the scan over blocks runs: `scan_unroll`, or with 0
+    (config.model.scan_unroll's default) every layer on a CPU backend and one elsewhere.
+    XLA:CPU's rolled loop copies each layer's saved activations into stacked buffers and
+    back out for the backward pass: 11% of the training step of configs/bench_reference.py
+    (README, "Speed on a CPU"). On accelerators one layer an iteration keeps the compile
+    time of deep models flat; the program computes the same either way."""
+    if scan_unroll == 0:
+        return num_layers if jax.default_backend() == "cpu" else 1
+    return min(scan_unroll, num_layers)
+
+
+def check_scan_unroll(scan_unroll: int) -> None:
+    """ValueError naming config.model.scan_unroll unless it is >= 0."""
+    if scan_unroll < 0:
+        raise ValueError(f"config.model.scan_unroll={scan_unroll} must be >= 0 (0: every layer "
+                         "on a CPU, one elsewhere)")
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:

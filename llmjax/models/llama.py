@@ -33,6 +33,7 @@ from llmjax.models.layers import (
     apply_rope,
     attention,
     check_choice,
+    check_scan_unroll,
     classify_last_token,
     constrain,
     constrain_tokens,
@@ -74,6 +75,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     scan_layers: bool = True
+    scan_unroll: int = 0  # layers per scan iteration; 0: all on a CPU, 1 elsewhere
     remat_policy: str = "none"
     attention_impl: str = "auto"  # auto | xla | splash | flash | cudnn (attention_kernels)
     attention_block_q: int = 0  # Pallas kernels' query tile; 0: chosen by length, head_dim
@@ -97,6 +99,7 @@ class LlamaConfig:
             check_choice(name, getattr(self, name), DTYPES)
         check_choice("attention_impl", self.attention_impl, KERNELS)
         check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        check_scan_unroll(self.scan_unroll)
         check_choice("rope_scaling", self.rope_scaling, ("none", "llama3"))
         if self.sliding_window < 0:
             raise ValueError(f"config.model.sliding_window={self.sliding_window} must be >= 0")
@@ -313,9 +316,10 @@ class Llama(nnx.Module):
         cos, sin = rope_tables(positions, cfg.rope_frequencies())
         if virtual:  # the mask says what each token sees; segment ids are in it
             x = run_blocks(self.blocks, x, cos, sin, None, mask, scan_layers=cfg.scan_layers,
-                           remat_policy=cfg.remat_policy, per_layer=prefix)
+                           scan_unroll=cfg.scan_unroll, remat_policy=cfg.remat_policy,
+                           per_layer=prefix)
             x = self.final_norm(x)
             return x if prompt is None else drop_prompt(x, tokens.shape[0], prompt.shape[0])
         x = run_blocks(self.blocks, x, cos, sin, segment_ids, scan_layers=cfg.scan_layers,
-                       remat_policy=cfg.remat_policy)
+                       scan_unroll=cfg.scan_unroll, remat_policy=cfg.remat_policy)
         return self.final_norm(x)

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from llmjax.models import flops_per_token
+from llmjax.models.layers import layers_per_iteration
 from llmjax.parallel import sharding
 from llmjax.training import setup
 from llmjax.training.flops import cpu_description, peak_flops_per_device
@@ -136,6 +137,8 @@ def prepare_train_step(config: ml_collections.ConfigDict,
     run_step()
     first_step_seconds = time.perf_counter() - start
     device = jax.devices()[0]
+    unroll = layers_per_iteration(model_cfg.scan_unroll, model_cfg.num_layers)
+    scan_note = f" ({unroll} layers an iteration)" if model_cfg.scan_layers else ""
     info = {
         "compile_seconds": compile_seconds,
         "first_step_seconds": first_step_seconds,
@@ -152,7 +155,7 @@ def prepare_train_step(config: ml_collections.ConfigDict,
             f"{': ' + cpu_description() if device.platform == 'cpu' else ''}), "
             f"mesh {dict(run.mesh.shape)}; batch {config.global_batch_size} x seq "
             f"{config.seq_len}; dtype {model_cfg.dtype} (params {model_cfg.param_dtype}), "
-            f"scan_layers={model_cfg.scan_layers}, remat={model_cfg.remat_policy}, "
+            f"scan_layers={model_cfg.scan_layers}{scan_note}, remat={model_cfg.remat_policy}, "
             f"attention={model_cfg.attention_impl}, segment ids {'on' if packed else 'off'}"),
     }
     return run_step, info

@@ -23,8 +23,8 @@ from llmjax.training.state import init_params
 
 # model_config fields that say how to run a model, not what it is: `init_from` keeps
 # the training config's values for these.
-RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl",
-                  "attention_block_q", "attention_block_kv")
+RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "scan_unroll", "remat_policy",
+                  "attention_impl", "attention_block_q", "attention_block_kv")
 
 
 def model_fields(cfg: ModelConfig) -> dict[str, Any]:

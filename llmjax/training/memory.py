@@ -53,6 +53,11 @@ def _compile(config: ml_collections.ConfigDict, model_overrides: dict[str, Any])
     if not config.model.vocab_size and not config.init_from:
         raise ValueError("config.model.vocab_size is 0: the fit check needs the vocabulary "
                          "size (it does not load the tokenizer)")
+    # The chip runs the scan over layers one layer an iteration (scan_unroll 0 unrolls it
+    # only on a CPU, models.layers.layers_per_iteration): compiled here on CPU devices,
+    # the step keeps the chip's loop and the activations it holds.
+    if not config.model.get("scan_unroll", 0):
+        model_overrides = {"scan_unroll": 1, **model_overrides}
     run = setup.assemble(config, model_overrides=model_overrides)
     with sharding.activate(run.mesh, run.rules):
         compiled = run.train_step.lower(*run.abstract_inputs()).compile()
