@@ -37,7 +37,8 @@ flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens holding th
 flags.DEFINE_integer("seed", 0, "Seed of the sampling (prompt i uses seed + i).")
 flags.DEFINE_multi_string("stop", [], "A string that ends a completion (repeatable).")
 flags.DEFINE_enum("quantize", "none", list(quantize.QUANTIZE_MODES), "int8: weights stored "
-                  "int8 with per-channel scales (activations and cache stay float).")
+                  "int8 with per-channel scales (activations and cache stay float); w8a8: "
+                  "the inputs of each product quantized to int8 too (faster on a CPU).")
 flags.DEFINE_integer("max_slots", 8, "Sequences decoded at once.")
 flags.DEFINE_integer("max_seq_len", 0, "Positions of the KV cache per sequence (0: the longest "
                      "prompt plus --max_new_tokens).")

@@ -1,11 +1,17 @@
-"""int8 weight-only quantization: matrices stored as int8 with one scale per output channel.
+"""int8 weights: matrices stored as int8 with one scale per output channel.
 
-    model = quantize.quantize_model(model, "int8")
+    model = quantize.quantize_model(model, "int8")   # or "w8a8"
 
 Every weight matrix and embedding table becomes a qwix QArray (int8 values, float scales:
 absmax per output channel, and per layer of a stacked block); norms and biases stay as
-they are, and activations and the KV cache keep the compute dtype. The model dequantizes
-a weight where it reads it (llmjax.models.layers.weight / lookup), so the same modules run.
+they are, and the KV cache keeps the compute dtype. The same modules run
+(llmjax.models.weights):
+    int8   weight-only: a weight is dequantized where it is read, and every product runs
+           in the compute dtype (a quarter of the weight bytes; on XLA:CPU slower than
+           fp32, which converts every weight at every step)
+    w8a8   the input of each product is quantized too (int8, absmax per row, at run
+           time) and multiplied int8 by int8 with int32 sums: on XLA:CPU several times
+           faster than fp32 for a few rows at once (decoding), at some cost in accuracy
 
 Why qwix: it is Google's maintained JAX quantization library (PTQ, QAT, NNX support,
 int8/int4/fp8 numerics) and its QArray is an NNX data type, so a quantized model stays an
@@ -23,7 +29,9 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
-QUANTIZE_MODES = ("none", "int8")
+from llmjax.models.weights import INT8_INPUTS
+
+QUANTIZE_MODES = ("none", "int8", "w8a8")
 # First axes of tables that are looked up by row (and, tied, used as the output head).
 _TABLES = ("vocab", "positions", "types")
 
@@ -44,8 +52,8 @@ def output_axes(axes: tuple[str | None, ...]) -> tuple[int, ...]:
 
 
 def quantize_model(model: nnx.Module, mode: str) -> nnx.Module:
-    """The model with its matrices in `mode` ("int8"; "none": unchanged), on the devices
-    and shardings they had."""
+    """The model with its matrices in `mode` ("int8", "w8a8"; "none": unchanged), on the
+    devices and shardings they had."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize={mode!r}: choose one of {', '.join(QUANTIZE_MODES)}")
     if mode == "none":
@@ -57,6 +65,8 @@ def quantize_model(model: nnx.Module, mode: str) -> nnx.Module:
         if name == "scale" or name == "bias" or name.endswith("_bias") or value.ndim < 2:
             continue  # norm scales and biases (llmjax.models.layers names them so): kept
         variable.set_value(_int8(value, output_axes(axes)))
+        if mode == "w8a8":
+            variable.set_metadata(INT8_INPUTS, True)
     return nnx.merge(graphdef, state)
 
 

@@ -26,12 +26,11 @@ from llmjax.models.layers import (
     check_scan_unroll,
     classify_last_token,
     constrain,
-    lookup,
     param,
     run_blocks,
-    weight,
 )
 from llmjax.models.virtual_tokens import drop_prompt, num_virtual, virtual_inputs
+from llmjax.models.weights import dense, lookup, weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +146,7 @@ class GPT2(nnx.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         """Final LayerNorm outputs [..., embed] -> next-token logits [..., vocab] float32
         (the head is the token embedding, transposed)."""
-        return (x @ weight(self.embed, DTYPES[self.cfg.dtype]).T).astype(jnp.float32)
+        return dense(x, self.embed, DTYPES[self.cfg.dtype], transposed=True).astype(jnp.float32)
 
     def init_cache(self, batch: int, length: int) -> Cache:
         """An empty key/value cache for `batch` rows of `length` positions."""

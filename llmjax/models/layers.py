@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import qwix
 from flax import linen, nnx
 
 from llmjax.models.attention_kernels import PALLAS_KERNELS, pallas_attention, select_kernel
 from llmjax.models.kv_cache import Cache, cached_attention
+from llmjax.models.weights import dense
 
 Initializer = Callable[..., jax.Array]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -31,25 +31,6 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequenc
     # eager_sharding=False: the state is sharded once, by llmjax.parallel.sharding, not at creation.
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
                      eager_sharding=False)
-
-
-def weight(variable: nnx.Variable, dtype: jnp.dtype) -> jax.Array:
-    """A weight's value in the compute dtype. Weights stored as int8 with scales (a qwix
-    QArray, llmjax.inference.quantize) are dequantized here."""
-    value = variable.get_value()
-    if isinstance(value, qwix.QArray):
-        value = qwix.dequantize(value)
-    return value.astype(dtype)
-
-
-def lookup(variable: nnx.Variable, ids: jax.Array, dtype: jnp.dtype | None = None
-           ) -> jax.Array:
-    """Rows `ids` of an embedding table [rows, dim], in `dtype` (default: the table's); an
-    int8 table dequantizes only the rows it gives."""
-    value = variable.get_value()
-    rows = (qwix.dequantize(value[ids]) if isinstance(value, qwix.QArray)
-            else jnp.take(value, ids, axis=0))
-    return rows if dtype is None else rows.astype(dtype)
 
 
 def constrain(x: jax.Array, axes: Sequence[str]) -> jax.Array:
@@ -247,8 +228,9 @@ class MultiHeadAttention(nnx.Module):
     def _project(self, x):
         dt = self.dtype
 
-        def project(w, b):
-            return jnp.einsum("bld,dhk->blhk", x, weight(w, dt)) + b[...].astype(dt)
+        def project(w, b):  # [embed, heads, head_dim]
+            heads = w.get_value().shape[1:]
+            return dense(x, w, dt).reshape(*x.shape[:-1], *heads) + b[...].astype(dt)
 
         q = project(self.q, self.q_bias)
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
@@ -256,7 +238,7 @@ class MultiHeadAttention(nnx.Module):
 
     def _output(self, out):
         dt = self.dtype
-        return (jnp.einsum("blhk,hkd->bld", out, weight(self.o, dt))
+        return (dense(out.reshape(*out.shape[:-2], -1), self.o, dt, in_dims=2)
                 + self.o_bias[...].astype(dt))
 
 
@@ -278,10 +260,10 @@ class GeluMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        hidden = x @ weight(self.up, dt) + self.up_bias[...].astype(dt)
+        hidden = dense(x, self.up, dt) + self.up_bias[...].astype(dt)
         hidden = jax.nn.gelu(hidden, approximate=self.approximate)
         hidden = constrain(hidden, ("act_batch", "act_length", "act_mlp"))
-        return hidden @ weight(self.down, dt) + self.down_bias[...].astype(dt)
+        return dense(hidden, self.down, dt) + self.down_bias[...].astype(dt)
 
 
 REMAT_POLICIES = {

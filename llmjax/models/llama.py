@@ -39,15 +39,14 @@ from llmjax.models.layers import (
     constrain_tokens,
     length_is_split,
     llama3_rope_scaling,
-    lookup,
     masked_attention,
     param,
     rope_frequencies,
     rope_tables,
     run_blocks,
-    weight,
 )
 from llmjax.models.virtual_tokens import drop_prompt, virtual_inputs
+from llmjax.models.weights import dense, lookup, weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +163,7 @@ class Attention(nnx.Module):
         batch, length = cos.shape[:2]
 
         def project(w):  # [embed, heads, head_dim]
-            w = weight(w, dt)
-            return (x @ w.reshape(w.shape[0], -1)).reshape(batch, length, *w.shape[1:])
+            return dense(x, w, dt).reshape(batch, length, *w.get_value().shape[1:])
 
         q, k, v = project(self.q), project(self.k), project(self.v)
         if self.qkv_bias:
@@ -176,8 +174,8 @@ class Attention(nnx.Module):
         return q, apply_rope(k, cos, sin), v
 
     def _output(self, out, shape):
-        o = weight(self.o, self.dtype)  # [heads, head_dim, embed]
-        return out.reshape(*shape[:-1], -1) @ o.reshape(-1, o.shape[-1])
+        # o: [heads, head_dim, embed]
+        return dense(out.reshape(*shape[:-1], -1), self.o, self.dtype, in_dims=2)
 
 
 class MLP(nnx.Module):
@@ -193,9 +191,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = self.dtype
-        hidden = jax.nn.silu(x @ weight(self.gate, dt)) * (x @ weight(self.up, dt))
+        hidden = jax.nn.silu(dense(x, self.gate, dt)) * dense(x, self.up, dt)
         hidden = constrain_tokens(hidden, "act_mlp")
-        return hidden @ weight(self.down, dt)
+        return dense(hidden, self.down, dt)
 
 
 class Block(nnx.Module):
@@ -260,8 +258,9 @@ class Llama(nnx.Module):
         """Final-norm outputs [..., embed] -> next-token logits [..., vocab] float32."""
         cfg = self.cfg
         dt = DTYPES[cfg.dtype]
-        head = weight(self.embed, dt).T if cfg.tie_embeddings else weight(self.lm_head, dt)
-        return (x @ head).astype(jnp.float32)
+        if cfg.tie_embeddings:
+            return dense(x, self.embed, dt, transposed=True).astype(jnp.float32)
+        return dense(x, self.lm_head, dt).astype(jnp.float32)
 
     def init_cache(self, batch: int, length: int) -> Cache:
         """An empty key/value cache for `batch` rows of `length` positions."""

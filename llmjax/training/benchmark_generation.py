@@ -10,8 +10,8 @@ spawned process, and every timed call is interleaved round-robin with the others
 decode tokens/s with 1, 8 and 32 sequences at once (prompt baselines.PROMPT, then
 baselines.NEW_TOKENS greedy tokens, prefill included), time to first token for a 64- and
 a 512-token prompt on an idle engine, and warm-up (compile) time; llmjax with int8
-weights as a row of its own; llama.cpp from the same weights as GGUF, when
-llama-cpp-python is installed (llmjax.training.benchmark_llamacpp).
+weights (and with int8 inputs too, w8a8) as rows of their own; llama.cpp from the same
+weights as GGUF, when llama-cpp-python is installed (llmjax.training.benchmark_llamacpp).
 """
 
 import math
@@ -76,9 +76,9 @@ def w_jax_first_token(install: str, weights: dict[str, np.ndarray],
 def w_generate_llmjax(install: str, hf_dir: str, prompts: dict[int, np.ndarray],
                       first_token_lengths: tuple[int, ...], new_tokens: int
                       ) -> dict[str, Any]:
-    """(In llmjax's worker.) Register `llmjax_b{B}`, `llmjax_ttft{L}` and, with int8
-    weights, `llmjax_int8_b{B}` and `llmjax_int8_ttft{L}`; return the greedy outputs,
-    warm-up seconds and compilations."""
+    """(In llmjax's worker.) Register `llmjax_b{B}`, `llmjax_ttft{L}` and the same for
+    each quantize mode (`llmjax_int8_b{B}`, `llmjax_w8a8_ttft{L}`, ...); return the greedy
+    outputs, warm-up seconds and compilations."""
     import jax
 
     from llmjax import hf
@@ -87,7 +87,7 @@ def w_generate_llmjax(install: str, hf_dir: str, prompts: dict[int, np.ndarray],
     registry = sys.modules[install]._REG
     model = hf.from_pretrained(hf_dir)
     info: dict[str, Any] = {"outputs": {}, "warmup_seconds": {}, "weight_bytes": {}}
-    for mode, name in (("none", "llmjax"), ("int8", "llmjax_int8")):
+    for mode, name in (("none", "llmjax"), ("int8", "llmjax_int8"), ("w8a8", "llmjax_w8a8")):
         variant = quantize.quantize_model(model, mode)
         info["weight_bytes"][name] = quantize.weight_bytes(variant)
         for batch, prompt in prompts.items():
@@ -167,7 +167,8 @@ def compare_generation(baselines_path: str, reps: int) -> tuple[str, dict[str, A
         outputs = {**{f"hf_b{b}": o for b, o in workers["torch"].call("outputs").items()},
                    **{f"jax_b{b}": o for b, o in workers["jax"].call("outputs").items()},
                    **ours["outputs"]}
-        rows = [("hf", "torch"), ("jax", "jax"), ("llmjax", "llmjax"), ("llmjax_int8", "llmjax")]
+        rows = [("hf", "torch"), ("jax", "jax"), ("llmjax", "llmjax"), ("llmjax_int8", "llmjax"),
+                ("llmjax_w8a8", "llmjax")]
         if "llamacpp" in workers:
             llamacpp = workers["llamacpp"].setup(
                 "w_generate_llamacpp", install=install, hf_dir=hf_dir, prompts=prompts,
@@ -208,6 +209,7 @@ def format_table(numbers: dict[str, Any]) -> str:
     results, new_tokens = numbers["results"], numbers["new_tokens"]
     labels = {"hf": "HF transformers generate (torch eager)", "jax": "plain JAX KV-cache loop",
               "llmjax": "llmjax engine", "llmjax_int8": "llmjax engine, int8 weights",
+              "llmjax_w8a8": "llmjax engine, w8a8 (int8 weights and inputs)",
               "llamacpp": "llama.cpp (llama-cpp-python, fp32 GGUF)"}
     labels = {name: label for name, label in labels.items() if f"{name}_b1" in results}
     header = ["implementation", *(f"tok/s @{b}" for b in BATCHES),
@@ -227,19 +229,24 @@ def format_table(numbers: dict[str, Any]) -> str:
     fmt = lambda cells: "  ".join(  # noqa: E731
         [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
     rule = "-" * len(fmt(header))
-    ratios = []
+    speeds = []
     others = {"hf": "HF", "jax": "plain JAX", "llamacpp": "llama.cpp"}
-    for b in BATCHES:
-        ours = statistics.median(results[f"llmjax_b{b}"]["all"])
-        ratios.append(f"@{b}: " + ", ".join(
-            f"{statistics.median(results[f'{name}_b{b}']['all']) / ours:.2f}x {label}"
-            for name, label in others.items() if name in labels))
+    for ours_name, ours_label in (("llmjax", "llmjax"), ("llmjax_w8a8", "llmjax w8a8")):
+        if ours_name not in labels:
+            continue
+        ratios = []
+        for b in BATCHES:
+            ours = statistics.median(results[f"{ours_name}_b{b}"]["all"])
+            ratios.append(f"@{b}: " + ", ".join(
+                f"{statistics.median(results[f'{name}_b{b}']['all']) / ours:.2f}x {label}"
+                for name, label in others.items() if name in labels))
+        speeds.append(f"{ours_label} decode speed " + "; ".join(ratios))
     bytes_ = numbers["llmjax"]["weight_bytes"]
     return "\n".join([
         f"generation: prompt {numbers['prompt']} + {new_tokens} greedy tokens per sequence "
         "(medians of interleaved runs); TTFT: prefill + first token, idle engine",
         rule, fmt(header), rule, *map(fmt, lines), rule,
-        "llmjax decode speed " + "; ".join(ratios),
+        *speeds,
         f"weights: {bytes_['llmjax'] / 2**20:.1f} MiB fp32, {bytes_['llmjax_int8'] / 2**20:.1f} "
         f"MiB int8 ({100 * bytes_['llmjax_int8'] / bytes_['llmjax']:.0f}%); compilations "
         f"during the timed runs: {numbers['llmjax']['timed_compilations']}",

@@ -1,6 +1,6 @@
 """python -m llmjax.generate on a model trained here: the command's completions are the
-engine's; int8 weights keep the held-out loss within 2% at under 30% of the bytes; bad
-input is one error line.
+engine's; int8 weights (alone, or with int8 inputs to every product: w8a8) keep the
+held-out loss within 2% at under 30% of the bytes; bad input is one error line.
 
     python -m pytest tests/integration/test_generate.py -s   # also prints the int8 numbers
 """
@@ -78,11 +78,12 @@ def held_out_loss(model, config, workdir):
     return sum(float(s) for s, _ in sums) / sum(float(n) for _, n in sums)
 
 
-def test_int8_keeps_the_held_out_loss(trained):
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_int8_keeps_the_held_out_loss(trained, mode):
     workdir, config = trained
     mesh, rules = sharding.placement()
     model = restore.load_model(workdir, mesh=mesh, rules=rules)
-    int8 = quantize.quantize_model(restore.load_model(workdir, mesh=mesh, rules=rules), "int8")
+    int8 = quantize.quantize_model(restore.load_model(workdir, mesh=mesh, rules=rules), mode)
     ratio = quantize.weight_bytes(int8) / quantize.weight_bytes(model)
     fp32_loss, int8_loss = held_out_loss(model, config, workdir), held_out_loss(
         int8, config, workdir)
@@ -94,7 +95,7 @@ def test_int8_keeps_the_held_out_loss(trained):
             agree.append([r.tokens for r in engine.generate(prompts,
                                                             SamplingParams(max_tokens=32))])
     same = np.mean([a == b for x, y in zip(*agree) for a, b in zip(x, y)])
-    print(f"\nint8: weights {100 * ratio:.1f}% of fp32; held-out loss {fp32_loss:.4f} -> "
+    print(f"\n{mode}: weights {100 * ratio:.1f}% of fp32; held-out loss {fp32_loss:.4f} -> "
           f"{int8_loss:.4f} ({100 * (int8_loss / fp32_loss - 1):+.2f}%); greedy tokens "
           f"agree {100 * same:.0f}%")
     assert ratio <= 0.30
