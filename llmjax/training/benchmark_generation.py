@@ -10,7 +10,8 @@ spawned process, and every timed call is interleaved round-robin with the others
 decode tokens/s with 1, 8 and 32 sequences at once (prompt baselines.PROMPT, then
 baselines.NEW_TOKENS greedy tokens, prefill included), time to first token for a 64- and
 a 512-token prompt on an idle engine, and warm-up (compile) time; llmjax with int8
-weights (and with int8 inputs too, w8a8) as rows of their own; llama.cpp from the same
+weights (and with int8 inputs too, w8a8) as rows of their own, and HF generate with
+torch's dynamic int8 quantization (w8a8's numerics) beside them; llama.cpp from the same
 weights as GGUF, when llama-cpp-python is installed (llmjax.training.benchmark_llamacpp).
 """
 
@@ -50,6 +51,40 @@ def w_hf_first_token(install: str, seed: int, save_to: str,
 
         first()
         baselines._REG[f"hf_ttft{length}"] = first
+    return {}
+
+
+def w_hf_int8(install: str, seed: int, prompts: dict[int, np.ndarray],
+              first: dict[int, np.ndarray], new_tokens: int) -> dict[str, Any]:
+    """(In the torch worker.) The reference HF model with torch's dynamic int8
+    quantization of every Linear (int8 weights with a scale per output channel, inputs
+    quantized per call: w8a8's numerics), registered as `hf_int8_b{B}` and
+    `hf_int8_ttft{L}`; its greedy outputs under the name "hf_int8_outputs"."""
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    baselines = sys.modules[install]
+    model = baselines.make_hf_model(baselines.Cfg(), seed=seed).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    model = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig})
+    outputs = {}
+
+    def generate(ids: np.ndarray, tokens: int) -> np.ndarray:
+        ids = torch.from_numpy(ids.astype(np.int64))
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=tokens, do_sample=False)
+        return out[:, ids.shape[1]:].numpy().copy()
+
+    for batch, prompt in prompts.items():
+        def run(prompt=prompt, batch=batch):
+            outputs[f"hf_int8_b{batch}"] = generate(prompt, new_tokens)
+        run()
+        baselines._REG[f"hf_int8_b{batch}"] = run
+    for length, prompt in first.items():
+        baselines._REG[f"hf_int8_ttft{length}"] = lambda prompt=prompt: generate(prompt, 1)
+        baselines._REG[f"hf_int8_ttft{length}"]()
+    baselines._REG["hf_int8_outputs"] = lambda: outputs
     return {}
 
 
@@ -137,7 +172,8 @@ def compare_generation(baselines_path: str, reps: int) -> tuple[str, dict[str, A
                for b in BATCHES}
     first = {n: rng.integers(3, cfg.vocab, (1, n), dtype=np.int32) for n in FIRST_TOKEN_LENGTHS}
     install = InstallInWorker(baselines.__name__, {
-        "w_hf_first_token": w_hf_first_token, "w_jax_first_token": w_jax_first_token,
+        "w_hf_first_token": w_hf_first_token, "w_hf_int8": w_hf_int8,
+        "w_jax_first_token": w_jax_first_token,
         "w_generate_llmjax": w_generate_llmjax,
         "w_generate_llamacpp": benchmark_llamacpp.w_generate_llamacpp})
     workers: dict[str, Any] = {}
@@ -154,6 +190,8 @@ def compare_generation(baselines_path: str, reps: int) -> tuple[str, dict[str, A
         workers["torch"].setup("w_decode_torch", seed=7, prompts=prompts)
         workers["torch"].setup("w_hf_first_token", install=install, seed=7, save_to=hf_dir,
                                prompts=first)
+        workers["torch"].setup("w_hf_int8", install=install, seed=7, prompts=prompts,
+                               first=first, new_tokens=new_tokens)
         weights = workers["torch"].call("weights")
         workers["jax"].setup("w_decode_jax", weights=weights, prompts=prompts)
         workers["jax"].setup("w_jax_first_token", install=install, weights=weights,
@@ -166,9 +204,10 @@ def compare_generation(baselines_path: str, reps: int) -> tuple[str, dict[str, A
         print(f"[bench] llmjax ready in {time.perf_counter() - start:.0f}s", flush=True)
         outputs = {**{f"hf_b{b}": o for b, o in workers["torch"].call("outputs").items()},
                    **{f"jax_b{b}": o for b, o in workers["jax"].call("outputs").items()},
+                   **workers["torch"].call("hf_int8_outputs"),
                    **ours["outputs"]}
-        rows = [("hf", "torch"), ("jax", "jax"), ("llmjax", "llmjax"), ("llmjax_int8", "llmjax"),
-                ("llmjax_w8a8", "llmjax")]
+        rows = [("hf", "torch"), ("hf_int8", "torch"), ("jax", "jax"), ("llmjax", "llmjax"),
+                ("llmjax_int8", "llmjax"), ("llmjax_w8a8", "llmjax")]
         if "llamacpp" in workers:
             llamacpp = workers["llamacpp"].setup(
                 "w_generate_llamacpp", install=install, hf_dir=hf_dir, prompts=prompts,
@@ -207,7 +246,9 @@ def _agreement(outputs: dict[str, np.ndarray], name: str, reference: str) -> flo
 
 def format_table(numbers: dict[str, Any]) -> str:
     results, new_tokens = numbers["results"], numbers["new_tokens"]
-    labels = {"hf": "HF transformers generate (torch eager)", "jax": "plain JAX KV-cache loop",
+    labels = {"hf": "HF transformers generate (torch eager)",
+              "hf_int8": "HF generate, torch dynamic int8 (w8a8)",
+              "jax": "plain JAX KV-cache loop",
               "llmjax": "llmjax engine", "llmjax_int8": "llmjax engine, int8 weights",
               "llmjax_w8a8": "llmjax engine, w8a8 (int8 weights and inputs)",
               "llamacpp": "llama.cpp (llama-cpp-python, fp32 GGUF)"}
@@ -230,7 +271,7 @@ def format_table(numbers: dict[str, Any]) -> str:
         [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
     rule = "-" * len(fmt(header))
     speeds = []
-    others = {"hf": "HF", "jax": "plain JAX", "llamacpp": "llama.cpp"}
+    others = {"hf": "HF", "hf_int8": "HF int8", "jax": "plain JAX", "llamacpp": "llama.cpp"}
     for ours_name, ours_label in (("llmjax", "llmjax"), ("llmjax_w8a8", "llmjax w8a8")):
         if ours_name not in labels:
             continue
