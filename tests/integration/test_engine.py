@@ -191,6 +191,28 @@ def test_tensor_parallel_mesh_gives_the_same_tokens():
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+def test_w8a8_tokens_depend_neither_on_the_batch_nor_on_a_tensor_parallel_mesh():
+    # Each row's inputs are quantized with its own scale, so rows stay independent.
+    config = dict(LLAMA, num_heads=8, num_kv_heads=8)
+    single = quantize.quantize_model(build_model(model_config(config), seed=5), "w8a8")
+    batch = prompts((4, 19, 30), seed=8)
+    params = SamplingParams(max_tokens=NEW_TOKENS, logprobs=2)
+    with make_engine(single) as engine:
+        engine.warmup()
+        together = engine.generate(batch, params)
+        alone = [engine.generate([p], params)[0] for p in batch]
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=8))
+    rules = sharding.logical_axis_rules("tp")
+    placed = sharding.place_model(build_model(model_config(config), seed=5), mesh, rules)
+    with make_engine(quantize.quantize_model(placed, "w8a8"), mesh=mesh, rules=rules) as engine:
+        engine.warmup()
+        split = engine.generate(batch, params)
+    for a, b, c in zip(together, alone, split):
+        assert a.tokens == b.tokens == c.tokens
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.logprobs, c.logprobs, atol=1e-4)
+
+
 def test_int8_weights_generate_with_a_quarter_of_the_bytes():
     model = build_model(model_config(LLAMA), seed=6)
     int8 = quantize.quantize_model(build_model(model_config(LLAMA), seed=6), "int8")
