@@ -8,7 +8,7 @@ they are, and the KV cache keeps the compute dtype. The same modules run
 (llmjax.models.weights):
     int8   weight-only: a weight is dequantized where it is read, and every product runs
            in the compute dtype (a quarter of the weight bytes; on XLA:CPU slower than
-           fp32, which converts every weight at every step)
+           fp32: it converts every weight to float at every step)
     w8a8   the input of each product is quantized too (int8, absmax per row, at run
            time) and multiplied int8 by int8 with int32 sums: on XLA:CPU several times
            faster than fp32 for a few rows at once (decoding), at some cost in accuracy
