@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,24 +32,38 @@ BATCHES = (1, 8, 32)
 FIRST_TOKEN_LENGTHS = (64, 512)
 
 
+def _reference_hf_model(baselines: Any, seed: int) -> Any:
+    """The reference HF model w_decode_torch builds, set to generate exactly what is asked."""
+    model = baselines.make_hf_model(baselines.Cfg(), seed=seed).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    return model
+
+
+def _hf_greedy(model: Any, prompt: np.ndarray, tokens: int) -> Callable[[], np.ndarray]:
+    """A function that generates `tokens` greedy tokens after `prompt` [batch, length] and
+    returns them [batch, tokens] (the prompt is converted once, outside the timed call)."""
+    import torch
+
+    ids = torch.from_numpy(prompt.astype(np.int64))
+
+    def generate() -> np.ndarray:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=tokens, do_sample=False)
+        return out[:, ids.shape[1]:].numpy().copy()
+
+    return generate
+
+
 def w_hf_first_token(install: str, seed: int, save_to: str,
                      prompts: dict[int, np.ndarray]) -> dict[str, Any]:
     """(In the torch worker.) Save the reference HF model (the one w_decode_torch builds)
     to `save_to`, and register `hf_ttft{L}`: prefill and one greedy token."""
-    import torch
-
     baselines = sys.modules[install]
-    model = baselines.make_hf_model(baselines.Cfg(), seed=seed).eval()
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    model = _reference_hf_model(baselines, seed)
     model.save_pretrained(save_to)
     for length, prompt in prompts.items():
-        ids = torch.from_numpy(prompt.astype(np.int64))
-
-        def first(ids=ids):
-            with torch.inference_mode():
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                               max_new_tokens=1, do_sample=False)
-
+        first = _hf_greedy(model, prompt, 1)
         first()
         baselines._REG[f"hf_ttft{length}"] = first
     return {}
@@ -64,25 +79,19 @@ def w_hf_int8(install: str, seed: int, prompts: dict[int, np.ndarray],
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     baselines = sys.modules[install]
-    model = baselines.make_hf_model(baselines.Cfg(), seed=seed).eval()
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
-    model = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig})
+    model = quantize_dynamic(_reference_hf_model(baselines, seed),
+                             {torch.nn.Linear: per_channel_dynamic_qconfig})
     outputs = {}
-
-    def generate(ids: np.ndarray, tokens: int) -> np.ndarray:
-        ids = torch.from_numpy(ids.astype(np.int64))
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=tokens, do_sample=False)
-        return out[:, ids.shape[1]:].numpy().copy()
-
     for batch, prompt in prompts.items():
-        def run(prompt=prompt, batch=batch):
-            outputs[f"hf_int8_b{batch}"] = generate(prompt, new_tokens)
+        generate = _hf_greedy(model, prompt, new_tokens)
+
+        def run(generate=generate, batch=batch):
+            outputs[f"hf_int8_b{batch}"] = generate()
+
         run()
         baselines._REG[f"hf_int8_b{batch}"] = run
     for length, prompt in first.items():
-        baselines._REG[f"hf_int8_ttft{length}"] = lambda prompt=prompt: generate(prompt, 1)
+        baselines._REG[f"hf_int8_ttft{length}"] = _hf_greedy(model, prompt, 1)
         baselines._REG[f"hf_int8_ttft{length}"]()
     baselines._REG["hf_int8_outputs"] = lambda: outputs
     return {}
