@@ -5,21 +5,23 @@ quantized to int8, whatever the number of rows."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import qwix
 from flax import nnx
 
-from llmjax.inference.quantize import output_axes
-from llmjax.models.weights import INT8_INPUTS, dense
+from llmjax.inference.quantize import quantize_model
+from llmjax.models.weights import dense
 
 RNG = np.random.default_rng(0)
 
 
+class OneWeight(nnx.Module):
+    def __init__(self, w, axes):  # as llmjax.models.layers.param makes one
+        self.w = nnx.Param(jnp.asarray(w), out_sharding=axes, eager_sharding=False)
+
+
 def variable(w, axes, w8a8=False):
-    if not w8a8:
-        return nnx.Param(jnp.asarray(w))
-    v = nnx.Param(qwix.quantize(jnp.asarray(w), jnp.int8, channelwise_axes=output_axes(axes)))
-    v.set_metadata(INT8_INPUTS, True)
-    return v
+    """`w` as a model holds it, or as quantize mode w8a8 leaves it."""
+    module = OneWeight(w, axes)
+    return (quantize_model(module, "w8a8") if w8a8 else module).w
 
 
 CASES = [  # (weight shape, logical axes, in_dims, transposed)
