@@ -229,8 +229,8 @@ class MultiHeadAttention(nnx.Module):
         dt = self.dtype
 
         def project(w, b):  # [embed, heads, head_dim]
-            heads = w.get_value().shape[1:]
-            return dense(x, w, dt).reshape(*x.shape[:-1], *heads) + b[...].astype(dt)
+            head_shape = w.get_value().shape[1:]
+            return dense(x, w, dt).reshape(*x.shape[:-1], *head_shape) + b[...].astype(dt)
 
         q = project(self.q, self.q_bias)
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
