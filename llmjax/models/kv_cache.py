@@ -59,7 +59,10 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
     keys, values = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
     kv_heads = keys.shape[1]
     grouped = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", grouped, keys).astype(jnp.float32)
+    # Keys first: with the queries first, XLA:CPU fused the cache write into each reader
+    # and copied every layer's key cache twice a step at one sequence (a one-sequence
+    # int8 step went from 3.9 to 3.4 ms on the reference model; no change at 8).
+    scores = jnp.einsum("bksd,btkgd->bkgts", keys, grouped).astype(jnp.float32)
     slots = jnp.arange(keys.shape[2])[None, None, :]
     visible = slots <= positions[:, :, None]
     if sliding_window > 0:  # as in training: itself and the sliding_window - 1 before it
