@@ -13,6 +13,8 @@ a 512-token prompt on an idle engine, and warm-up (compile) time; llmjax with in
 weights (and with int8 inputs too, w8a8) as rows of their own, and HF generate with
 torch's dynamic int8 quantization (w8a8's numerics) beside them; llama.cpp from the same
 weights as GGUF, when llama-cpp-python is installed (llmjax.training.benchmark_llamacpp).
+Under the table, the bound memory puts on one sequence: the weights a step reads over the
+read bandwidth measured in llmjax's worker.
 """
 
 import math
@@ -130,10 +132,15 @@ def w_generate_llmjax(install: str, hf_dir: str, prompts: dict[int, np.ndarray],
 
     registry = sys.modules[install]._REG
     model = hf.from_pretrained(hf_dir)
-    info: dict[str, Any] = {"outputs": {}, "warmup_seconds": {}, "weight_bytes": {}}
+    info: dict[str, Any] = {"outputs": {}, "warmup_seconds": {}, "weight_bytes": {},
+                            "streamed_bytes": {}, "read_bandwidth": read_bandwidth()}
     for mode, name in (("none", "llmjax"), ("int8", "llmjax_int8"), ("w8a8", "llmjax_w8a8")):
         variant = quantize.quantize_model(model, mode)
         info["weight_bytes"][name] = quantize.weight_bytes(variant)
+        # A step reads every weight once, but of an untied embedding table one row a token.
+        table = 0 if model.cfg.tie_embeddings else sum(
+            x.size * x.dtype.itemsize for x in jax.tree.leaves(variant.embed.get_value()))
+        info["streamed_bytes"][name] = info["weight_bytes"][name] - table
         for batch, prompt in prompts.items():
             run, facts = benchmark.decode_run(variant, prompt, new_tokens)
             registry[f"{name}_b{batch}"] = run
@@ -155,6 +162,24 @@ def w_generate_llmjax(install: str, hf_dir: str, prompts: dict[int, np.ndarray],
     jax.monitoring.register_event_duration_secs_listener(count)
     registry["llmjax_compilations"] = lambda: compilations[0]
     return info
+
+
+def read_bandwidth(gib: int = 1) -> float:
+    """Bytes/s at which this machine streams weights from memory: the best of five jitted
+    products of a `gib` GiB float32 matrix with a vector (one read of the matrix each)."""
+    import jax
+    import jax.numpy as jnp
+
+    matrix = jnp.ones((gib * 2**28 // 4096, 4096), jnp.float32)
+    vector = jnp.ones((4096,), jnp.float32)
+    product = jax.jit(jnp.matmul)
+    product(matrix, vector).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        product(matrix, vector).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return matrix.nbytes / best
 
 
 def save_reference_model(baselines_path: str, directory: str, seed: int = 7) -> str:
@@ -292,6 +317,9 @@ def format_table(numbers: dict[str, Any]) -> str:
                 for name, label in others.items() if name in labels))
         speeds.append(f"{ours_label} decode speed " + "; ".join(ratios))
     bytes_ = numbers["llmjax"]["weight_bytes"]
+    bandwidth, streamed = numbers["llmjax"]["read_bandwidth"], numbers["llmjax"]["streamed_bytes"]
+    ceilings = ", ".join(f"{label} {bandwidth / streamed[name]:,.0f}" for name, label in (
+        ("llmjax", "fp32"), ("llmjax_int8", "int8")))
     return "\n".join([
         f"generation: prompt {numbers['prompt']} + {new_tokens} greedy tokens per sequence "
         "(medians of interleaved runs); TTFT: prefill + first token, idle engine",
@@ -300,4 +328,6 @@ def format_table(numbers: dict[str, Any]) -> str:
         f"weights: {bytes_['llmjax'] / 2**20:.1f} MiB fp32, {bytes_['llmjax_int8'] / 2**20:.1f} "
         f"MiB int8 ({100 * bytes_['llmjax_int8'] / bytes_['llmjax']:.0f}%); compilations "
         f"during the timed runs: {numbers['llmjax']['timed_compilations']}",
+        f"memory read {bandwidth / 1e9:.1f} GB/s (a 1 GiB matrix-vector product); a decode "
+        f"step reads every weight once, so one sequence is capped at tok/s: {ceilings}",
         *([numbers["left_out"]] if numbers.get("left_out") else [])])
