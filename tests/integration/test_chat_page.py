@@ -41,6 +41,11 @@ def test_the_chat_page_streams_a_reply(tmp_path):
             tokens = driver.find_element(By.ID, "max_tokens")  # the server holds 96 in all
             tokens.clear()
             tokens.send_keys("48")
+            # Greedy: sampled at the page's default 0.7, the random model sometimes ended
+            # its reply after a token, in one streamed piece.
+            temperature = driver.find_element(By.ID, "temperature")
+            temperature.clear()
+            temperature.send_keys("0")
             box = driver.find_element(By.ID, "input")
             box.send_keys("Who art thou?")
             driver.find_element(By.ID, "send").click()
