@@ -329,5 +329,6 @@ def format_table(numbers: dict[str, Any]) -> str:
         f"MiB int8 ({100 * bytes_['llmjax_int8'] / bytes_['llmjax']:.0f}%); compilations "
         f"during the timed runs: {numbers['llmjax']['timed_compilations']}",
         f"memory read {bandwidth / 1e9:.1f} GB/s (a 1 GiB matrix-vector product); a decode "
-        f"step reads every weight once, so one sequence is capped at tok/s: {ceilings}",
+        "step reads every weight once (an untied embedding table: one row), so one sequence "
+        f"is capped at tok/s: {ceilings}",
         *([numbers["left_out"]] if numbers.get("left_out") else [])])
