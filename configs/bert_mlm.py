@@ -27,7 +27,7 @@ def get_config(arg=None):
     config.name = "bert_mlm"
     config.task = "mlm"
     config.num_train_steps = 800
-    # Lines of 32 tokens, 128 of them a step: at 128 tokens a row (16 rows) the encoder sat
+    # Rows of 32 tokens, 128 of them a step: at 128 tokens a row (16 rows) the encoder sat
     # for 1,500+ steps on the plateau where it predicts frequent tokens and barely uses
     # context (masked accuracy 0.18; transformers' BertForMaskedLM the same, README.md).
     config.global_batch_size = 128

@@ -9,7 +9,7 @@ Run:      python -m llmjax.train --config=configs/bert_mlm.py        # the encod
           python -m llmjax.train --config=configs/bert_word_order.py:scratch
 Both use the pretraining run's tokenizer (runs/bert_mlm/tokenizer), so the only
 difference is where the encoder's weights start: the run's (pooler and classifier fresh)
-or random. About 25 s each on 2 cores.
+or random. About 27 s each on 2 cores.
 Measured (README.md, "Masked-LM pretraining"), held-out accuracy at steps 50 / 100 / 150,
 mean of seeds 0, 1, 2 (`--config.seed=N`; 120 examples, so one run's noise is +-4.5%):
 pretrained 0.689 / 0.681 / 0.686, scratch 0.494 / 0.531 / 0.547; at learning rate 1e-4,
