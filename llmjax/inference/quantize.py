@@ -77,4 +77,9 @@ def _int8(value: jax.Array, channelwise_axes: tuple[int, ...]) -> Any:
 
 def weight_bytes(model: nnx.Module) -> int:
     """Bytes of the model's parameters as stored (int8 values and their scales)."""
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return array_bytes(nnx.state(model, nnx.Param))
+
+
+def array_bytes(tree: Any) -> int:
+    """Bytes of the arrays in `tree` as stored (a QArray: its int8 values and scales)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))

@@ -138,8 +138,8 @@ def w_generate_llmjax(install: str, hf_dir: str, prompts: dict[int, np.ndarray],
         variant = quantize.quantize_model(model, mode)
         info["weight_bytes"][name] = quantize.weight_bytes(variant)
         # A step reads every weight once, but of an untied embedding table one row a token.
-        table = 0 if model.cfg.tie_embeddings else sum(
-            x.size * x.dtype.itemsize for x in jax.tree.leaves(variant.embed.get_value()))
+        table = 0 if model.cfg.tie_embeddings else quantize.array_bytes(
+            variant.embed.get_value())
         info["streamed_bytes"][name] = info["weight_bytes"][name] - table
         for batch, prompt in prompts.items():
             run, facts = benchmark.decode_run(variant, prompt, new_tokens)
