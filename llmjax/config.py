@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 500
     c.max_to_keep = 3
     c.async_checkpointing = True
-    c.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device (measure it on CPU)
+    c.peak_flops_per_device = 0.0  # for MFU; 0 = the chip's table peak (on CPU a nominal one)
     c.init_from = ""  # HF model dir or llmjax workdir: its architecture and weights (llmjax.hf)
     c.task = "lm"  # lm (next token) | classify (sequence labels: llmjax.data.classify)
     #              | mlm (masked tokens, BERT: llmjax.training.masking)
@@ -70,8 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = True
     c.model.scan_unroll = 0  # layers per scan iteration; 0: all on a CPU, 1 elsewhere
     c.model.remat_policy = "none"
-    c.model.attention_impl = "auto"  # auto | xla | splash | flash | cudnn (see README)
-    c.model.attention_block_q = 0  # splash / flash tiles; 0: chosen by length and head_dim
+    c.model.attention_impl = "auto"  # auto | xla | chunked | splash | flash | cudnn (see README)
+    c.model.attention_block_q = 0  # splash / flash tiles, chunked block; 0: chosen
     c.model.attention_block_kv = 0
 
     c.optimizer = ml_collections.ConfigDict()

@@ -49,9 +49,9 @@ class BertConfig:
     scan_layers: bool = True
     scan_unroll: int = 0  # layers per scan iteration; 0: all on a CPU, 1 elsewhere
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # auto | xla | splash | flash | cudnn (attention_kernels)
-    attention_block_q: int = 0  # Pallas kernels' query tile; 0: chosen by length, head_dim
-    attention_block_kv: int = 0  # and their key/value tile
+    attention_impl: str = "auto"  # a name in attention_kernels.KERNELS
+    attention_block_q: int = 0  # query tile or block (Pallas, chunked); 0: chosen
+    attention_block_kv: int = 0  # Pallas kernels' key/value tile
 
     mlp_matrices: ClassVar[int] = 2  # up, down (for llmjax.models.flops_per_token)
 

@@ -15,7 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
 
-from llmjax.models.attention_kernels import PALLAS_KERNELS, pallas_attention, select_kernel
+from llmjax.models.attention_kernels import (
+    PALLAS_KERNELS,
+    chunked_attention,
+    pallas_attention,
+    select_kernel,
+)
 from llmjax.models.kv_cache import Cache, cached_attention
 from llmjax.models.weights import dense
 
@@ -154,11 +159,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     kernel = select_kernel(
         implementation, jax.default_backend(), packed=segment_ids is not None,
         sliding_window=sliding_window, dtype=q.dtype)
+    if kernel == "chunked" and (not causal or length_is_split()):
+        # Its blocks skip only keys a causal query cannot see; a split length would
+        # re-split every block of queries across devices.
+        kernel = "xla"
     if kernel in PALLAS_KERNELS:
         return pallas_attention(
             kernel, q, k, v, segment_ids, causal=causal, sliding_window=sliding_window,
             block_q=block_q, block_kv=block_kv)
     k, v = gather_length(k), gather_length(v)
+    if kernel == "chunked":
+        return chunked_attention(q, k, v, segment_ids, sliding_window=sliding_window,
+                                 block_q=block_q)
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]

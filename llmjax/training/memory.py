@@ -58,6 +58,11 @@ def _compile(config: ml_collections.ConfigDict, model_overrides: dict[str, Any])
     # the step keeps the chip's loop and the activations it holds.
     if not config.model.get("scan_unroll", 0):
         model_overrides = {"scan_unroll": 1, **model_overrides}
+    # The chip's own attention kernel does not compile on CPU devices: XLA's stands in
+    # (attention_memory sets the kernel's bytes against its scores), not chunked, the
+    # kernel auto picks on a CPU.
+    if config.model.get("attention_impl", "auto") == "auto":
+        model_overrides = {"attention_impl": "xla", **model_overrides}
     run = setup.assemble(config, model_overrides=model_overrides)
     with sharding.activate(run.mesh, run.rules):
         compiled = run.train_step.lower(*run.abstract_inputs()).compile()

@@ -1,6 +1,7 @@
-"""The Pallas attention kernels (splash, flash) in interpret mode, float32, against XLA's
-attention: outputs and gradients within 1e-5 for every mask the families use, a whole
-train step on a tiny Llama, and the kernel under an 8-device mesh against one device.
+"""The Pallas attention kernels (splash, flash) in interpret mode and the chunked CPU
+kernel, float32, against XLA's attention: outputs and gradients within 1e-5 for every
+mask the families use (chunked hands bidirectional attention to XLA), a whole train step
+on a tiny Llama, and splash under an 8-device mesh against one device.
 
 Rows are 256 tokens in tiles of 128, so a document that spans positions 40..190 crosses
 a tile boundary: the kernels' masks must hold across tiles, not only inside one."""
@@ -53,9 +54,11 @@ def inputs(heads, kv_heads, batch=2, seed=0):
 def value_and_grads(kernel, case, q, k, v, cotangent):
     """Attention's output and the gradients of <output, cotangent> w.r.t. q, k, v."""
     _, _, causal, window, ids = CASES[case]
+    # Chunked in blocks of 96 queries: a last block shorter than the others.
+    blocks = {**BLOCKS, "block_q": 96} if kernel == "chunked" else BLOCKS
 
     def project(q, k, v):
-        out = attention(q, k, v, ids, kernel, causal=causal, sliding_window=window, **BLOCKS)
+        out = attention(q, k, v, ids, kernel, causal=causal, sliding_window=window, **blocks)
         return jnp.sum(out * cotangent), out
 
     grads, out = jax.jit(jax.grad(project, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -67,7 +70,7 @@ def max_diffs(result, reference):
     return [float(jnp.max(jnp.abs(a - b))) for a, b in zip((out, *grads), (ref_out, *ref_grads))]
 
 
-@pytest.mark.parametrize("kernel", ["splash", "flash"])
+@pytest.mark.parametrize("kernel", ["splash", "flash", "chunked"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_matches_xla_forward_and_gradients(kernel, case):
     heads, kv_heads, _, window, _ = CASES[case]
@@ -83,10 +86,12 @@ def test_kernel_matches_xla_forward_and_gradients(kernel, case):
 
 
 def tiny_llama(kernel):
-    # init_std 0.3: attention far from uniform, gradients far from zero.
+    # init_std 0.3: attention far from uniform, gradients far from zero. Chunked runs
+    # the 128 tokens in blocks of 32 queries (document 2 starts inside the third).
+    block = 32 if kernel == "chunked" else 128
     return model_config(dict(vocab_size=64, embed_dim=64, num_layers=2, num_heads=2,
                              num_kv_heads=1, mlp_dim=128, init_std=0.3,
-                             attention_impl=kernel, attention_block_q=128,
+                             attention_impl=kernel, attention_block_q=block,
                              attention_block_kv=128))
 
 
@@ -114,10 +119,10 @@ def one_train_step(kernel):
     return metrics["loss"], grads
 
 
-def test_a_train_step_with_splash_matches_xla():
-    # Splash only: the flash kernel's forward and gradients are checked above, and each
-    # train step is a compile of the whole model.
-    kernel = "splash"
+@pytest.mark.parametrize("kernel", ["splash", "chunked"])
+def test_a_train_step_matches_xla(kernel):
+    # Not flash: its forward and gradients are checked above, and each train step is a
+    # compile of the whole model.
     loss, grads = one_train_step(kernel)
     ref_loss, ref_grads = one_train_step("xla")
     grad_diff = max(jax.tree.leaves(jax.tree.map(

@@ -14,8 +14,8 @@ from llmjax.models.attention_kernels import (
 
 
 @pytest.mark.parametrize("platform, packed, window, dtype, expected", [
-    ("cpu", True, 0, jnp.float32, "xla"),
-    ("cpu", False, 0, jnp.bfloat16, "xla"),
+    ("cpu", True, 0, jnp.float32, "chunked"),
+    ("cpu", False, 4096, jnp.bfloat16, "chunked"),
     ("tpu", True, 0, jnp.bfloat16, "splash"),
     ("tpu", False, 4096, jnp.float32, "splash"),
     ("gpu", True, 0, jnp.bfloat16, "flash"),  # packed: cuDNN would take a dense mask
@@ -29,7 +29,7 @@ def test_auto_picks_the_kernel_of_the_backend(platform, packed, window, dtype, e
                          dtype=dtype) == expected
 
 
-@pytest.mark.parametrize("forced", ["xla", "splash", "flash", "cudnn"])
+@pytest.mark.parametrize("forced", ["xla", "chunked", "splash", "flash", "cudnn"])
 def test_a_named_kernel_is_used_on_every_backend(forced):
     for platform in ("cpu", "tpu", "gpu"):
         assert select_kernel(forced, platform, packed=True, sliding_window=0,
@@ -62,4 +62,10 @@ def test_attention_memory_per_layer_shrinks_with_a_kernel():
     kernel_bytes = 8 * 8192 * (128 * 2 + 4)
     assert attention_bytes_per_layer("splash", **shape) == kernel_bytes
     assert attention_bytes_per_layer("xla", **shape) == 8 * 8192 ** 2 * 6 + kernel_bytes
+    # chunked, 64 blocks of 128 queries: block i keeps scores against 128 * (i + 1) keys,
+    # (64 + 1) / (2 * 64) of XLA's square.
+    chunked = 8 * 128 * 128 * sum(range(1, 65)) * 6 + kernel_bytes
+    assert attention_bytes_per_layer("chunked", **shape) == chunked
+    assert attention_bytes_per_layer("chunked", **{**shape, "q_length": 4096}) == (
+        attention_bytes_per_layer("xla", **{**shape, "q_length": 4096}))  # a split length
     assert kernel_platform("TPU v5p") == "tpu" and kernel_platform("NVIDIA H100") == "gpu"

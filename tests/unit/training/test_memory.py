@@ -71,4 +71,7 @@ def test_attention_memory_per_layer_is_that_of_the_chips_kernel():
     assert tpu == {"kernel": "splash", "platform": "tpu", "bytes": kernel_bytes,
                    "xla_bytes": xla_bytes}
     assert memory.attention_memory(config, run, "gpu")["kernel"] == "flash"  # packed
-    assert memory.attention_memory(config, run, "cpu")["bytes"] == xla_bytes
+    # On a CPU, chunked: 64 blocks of 128 queries, block i against 128 * (i + 1) keys.
+    cpu = memory.attention_memory(config, run, "cpu")
+    assert cpu["kernel"] == "chunked"
+    assert cpu["bytes"] == kernel_bytes + 4 * 1 * 128 * 128 * sum(range(1, 65)) * 8
