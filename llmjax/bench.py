@@ -28,7 +28,11 @@ from llmjax.parallel import sharding
 from llmjax.training import restore
 from llmjax.training.benchmark import format_table, measure, table_header
 from llmjax.training.benchmark_generation import compare_generation, save_reference_model
-from llmjax.training.benchmark_reference import compare_with_reference, ratio_lines
+from llmjax.training.benchmark_reference import (
+    ceiling_line,
+    compare_with_reference,
+    ratio_lines,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file to benchmark (configs/NAME.py).",
@@ -96,7 +100,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.reference:
         rows, info = compare_with_reference(config, FLAGS.steps, FLAGS.warmup, FLAGS.reference,
                                             FLAGS.packed, FLAGS.levers)
-        notes = ratio_lines(rows)
+        notes = [*ratio_lines(rows), ceiling_line(rows, info)]
     else:
         row, info = measure(config, FLAGS.steps, FLAGS.warmup, FLAGS.packed)
         rows, notes = [row], []

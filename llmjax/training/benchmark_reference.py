@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from llmjax import runtime
+from llmjax.models import flops_per_token, model_config
 from llmjax.training.benchmark import Measurement, prepare_train_step
 
 
@@ -176,6 +177,8 @@ def compare_with_reference(config: ml_collections.ConfigDict, steps: int, warmup
                 if key in results:  # timed in an earlier group too: keep every timing
                     timed = {**timed, "all": results[key]["all"] + timed["all"]}
                 results[key] = timed
+            if number == 0:
+                matmul_peak = fp32_matmul_peak(baselines, workers, group, steps)
             # Close the workers no later group times: each holds gigabytes (on jemalloc,
             # its largest step's), and a 24 GiB machine holds about six.
             later = {row.key for g in groups[number + 1:] for row in g}
@@ -187,9 +190,31 @@ def compare_with_reference(config: ml_collections.ConfigDict, steps: int, warmup
             worker.close()
     labels = {row.key: row.label for group in groups for row in group}
     default = next(iter(labels))
-    ours = info[default]
+    ours = {**info[default], "matmul_peak": matmul_peak,
+            "causal_flops_per_token": flops_per_token(
+                model_config(config.model), config.seq_len, causal=True)}
+    if not config.peak_flops_per_device:  # MFU against what this CPU measured, not a nominal
+        ours.update(peak_flops_per_device=matmul_peak / ours["num_devices"],
+                    peak_source="this CPU's fp32 matmul peak, measured in this run")
     return [_measurement(labels[key], results[key], info[key], rss.get(key), ours)
             for key in labels], ours
+
+
+def fp32_matmul_peak(baselines: Any, workers: dict[str, Any], group: list[Row],
+                     reps: int, n: int = 2048, calls: int = 4) -> float:
+    """FLOP/s of this CPU's fastest float32 matrix product: baselines.py's n^3 product in
+    the group's plain-JAX and torch workers (XLA's kernels and torch's), `calls` a timing,
+    round-robin, the best of both. No step's matmuls run faster."""
+    timers = []
+    for row in group:
+        if row.kind == "jax":
+            workers[row.key].setup("w_matmul_jax", n=n, inner=calls)
+            timers.append((row.key, workers[row.key].timer("jax_fp32")))
+        elif row.kind == "torch":
+            workers[row.key].setup("w_matmul_torch", n=n, nb=512, inner=calls)
+            timers.append((row.key, workers[row.key].timer("torch_fp32")))
+    timed = baselines.interleave(timers, reps)
+    return max(2 * n ** 3 * calls / t["min"] for t in timed.values())
 
 
 def _set_up(worker: Any, row: Row, baselines: Any, config: ml_collections.ConfigDict,
@@ -227,6 +252,19 @@ def _measurement(label: str, timed: dict[str, Any], meta: dict[str, Any], rss: f
         first_loss=meta.get("first_loss", math.nan), memory_bytes=memory,
         faults_per_step=timed["minflt_median"],
         cpu_seconds_per_step=(timed["utime_median"], timed["stime_median"]))
+
+
+def ceiling_line(rows: list[Measurement], ours: dict[str, Any]) -> str:
+    """The most tokens/s any implementation could reach here: the step's matmuls (causal
+    attention computing only the scores it keeps) at the CPU's fastest float32 rate."""
+    ceiling = ours["matmul_peak"] / ours["causal_flops_per_token"]
+    shares = ", ".join(f"{r.name} {r.tokens_per_sec_median / ceiling:.0%}" for r in rows
+                       if r.name.endswith((", jemalloc", ", glibc")))
+    return (f"fp32 matmul peak {ours['matmul_peak'] / 1e9:.0f} GFLOP/s (a 2048^3 product, "
+            f"best of plain JAX and torch): at "
+            f"{ours['causal_flops_per_token'] / 1e6:.1f} MFLOP a token (causal attention) no "
+            f"implementation passes {ceiling:,.0f} tok/s on this CPU; median share of that: "
+            f"{shares}")
 
 
 def ratio_lines(rows: list[Measurement]) -> list[str]:

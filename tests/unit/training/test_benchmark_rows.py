@@ -41,3 +41,14 @@ def test_ratios_are_median_tokens_per_second_within_an_allocator():
         "jemalloc: llmjax / HF torch eager 2.00x, llmjax / plain JAX 1.25x",
         "glibc: llmjax / HF torch eager 0.50x, llmjax / plain JAX 1.00x",
         "--xla_cpu_use_onednn=true: +25.0% against llmjax, jemalloc (timed in the same group)"]
+
+
+def test_the_ceiling_is_the_matmul_peak_over_the_causal_flops_of_a_token():
+    # 4096 tokens a step: 1 s is 4096 tok/s, 2 s 2048; the ceiling 100e9 / 20e6 = 5000.
+    rows = [row("llmjax, jemalloc", 1.0), row("HF torch eager (sdpa), jemalloc", 2.0),
+            row("llmjax, jemalloc + --xla_cpu_use_onednn=true", 0.8)]
+    line = benchmark_reference.ceiling_line(
+        rows, {"matmul_peak": 100e9, "causal_flops_per_token": 20e6})
+    assert "fp32 matmul peak 100 GFLOP/s" in line and "20.0 MFLOP a token" in line
+    assert "passes 5,000 tok/s" in line
+    assert line.endswith("llmjax, jemalloc 82%, HF torch eager (sdpa), jemalloc 41%")

@@ -1,10 +1,12 @@
-"""MFU's denominator on a CPU is a fixed figure (the same at every start, whatever the load)
-and MFU is logged and printed in percent; an evaluation short of config.eval_batches says so."""
+"""MFU's denominator on a CPU is a fixed figure (the same at every start, whatever the load),
+its numerator counts every matmul, and MFU is logged and printed in percent; an evaluation
+short of config.eval_batches says so."""
 
 import jax
 import pytest
 from conftest import tiny_config
 
+from llmjax.models import flops_per_token, model_config
 from llmjax.training import evaluation, flops, metrics
 
 
@@ -36,3 +38,14 @@ def test_an_evaluation_short_of_its_batches_says_so():
         "the eval data fill 6 of config.eval_batches=8 batches of 8 x 32")
     config.task = "classify"  # a classifier evaluates every example, in as many batches
     assert evaluation.short_eval_note(config, [{}] * 6) == ""
+
+
+def test_flops_per_token_counts_the_matmuls_and_the_full_or_causal_attention():
+    # The benchmark's reference model: 8 layers of 512 (8 heads of 64), SwiGLU 1408,
+    # an untied 8192-token head; rows of 512.
+    cfg = model_config(dict(vocab_size=8192, embed_dim=512, num_layers=8, num_heads=8,
+                            num_kv_heads=8, mlp_dim=1408))
+    matmuls = 6 * (8 * (4 * 512 * 512 + 3 * 512 * 1408) + 512 * 8192)
+    attention = 12 * 8 * 512 * 512  # scores and values over the whole square
+    assert flops_per_token(cfg, 512) == matmuls + attention
+    assert flops_per_token(cfg, 512, causal=True) == matmuls + attention / 2
