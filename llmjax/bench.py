@@ -28,11 +28,8 @@ from llmjax.parallel import sharding
 from llmjax.training import restore
 from llmjax.training.benchmark import format_table, measure, table_header
 from llmjax.training.benchmark_generation import compare_generation, save_reference_model
-from llmjax.training.benchmark_reference import (
-    ceiling_line,
-    compare_with_reference,
-    ratio_lines,
-)
+from llmjax.training.benchmark_products import ceiling_line
+from llmjax.training.benchmark_reference import compare_with_reference, ratio_lines
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file to benchmark (configs/NAME.py).",
@@ -45,8 +42,8 @@ flags.DEFINE_string("reference", "", "Path of a baselines file (shared/bench/bas
                     "beside this checkout): also time its plain-JAX and HF torch eager steps "
                     "of the same model, round-robin, each in its own process.")
 flags.DEFINE_list("levers", [], "With --reference: also time llmjax with each of these XLA:CPU "
-                  "flag sets (onednn, xnnpack, onednn_dot, xnn_dot, ynn), each beside the "
-                  "default llmjax row, round-robin.")
+                  "flag sets (onednn, xnnpack, onednn_dot, xnn_dot, ynn; control: none, a "
+                  "second worker), each beside the default llmjax row, round-robin.")
 flags.DEFINE_bool("generate", False, "Time generation instead of training (needs --reference, "
                   "whose model it runs): decode tok/s at 1, 8 and 32 sequences, time to first "
                   "token, warm-up, beside HF generate and the plain-JAX KV-cache loop.")
@@ -100,7 +97,8 @@ def main(argv: list[str]) -> None:
     if FLAGS.reference:
         rows, info = compare_with_reference(config, FLAGS.steps, FLAGS.warmup, FLAGS.reference,
                                             FLAGS.packed, FLAGS.levers)
-        notes = [*ratio_lines(rows), ceiling_line(rows, info)]
+        notes = [*ratio_lines(rows),
+                 ceiling_line(rows, info["matmul_floor"], info["tokens_per_step"])]
     else:
         row, info = measure(config, FLAGS.steps, FLAGS.warmup, FLAGS.packed)
         rows, notes = [row], []

@@ -20,8 +20,14 @@ import ml_collections
 import numpy as np
 
 from llmjax import runtime
-from llmjax.models import flops_per_token, model_config
+from llmjax.models import model_config
 from llmjax.training.benchmark import Measurement, prepare_train_step
+from llmjax.training.benchmark_products import (
+    Product,
+    matmul_floor,
+    step_products,
+    w_time_products,
+)
 
 
 def load_baselines(path: str) -> Any:
@@ -101,7 +107,12 @@ def peak_rss_bytes(pid: int) -> float | None:
 
 
 # --levers=NAME,...: llmjax on jemalloc with these XLA:CPU flags, each beside the default.
+# "control" adds none: the same program in a second worker, created after the default's.
+# On a 2-core VM the first worker a run creates was 10-35% slower than later ones with the
+# same program and settings (same threads, affinity and RSS; no swap, no page faults), so a
+# lever's row means only as much as it beats the control's.
 LEVERS = {
+    "control": "",
     "onednn": "--xla_cpu_use_onednn=true",
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     "onednn_dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
@@ -143,7 +154,8 @@ def reference_rows(levers: list[str]) -> list[list[Row]]:
         if lever not in LEVERS:
             raise ValueError(f"--levers={lever}: choose from {', '.join(LEVERS)}")
         env = {**first[0].env, "XLA_FLAGS": f"{flags} {LEVERS[lever]}".strip()}
-        groups.append([first[0], Row(f"llmjax_{lever}", f"{first[0].label} + {LEVERS[lever]}",
+        label = f"{first[0].label} + {LEVERS[lever] or 'nothing (control)'}"
+        groups.append([first[0], Row(f"llmjax_{lever}", label,
                                      "llmjax", env)])
     return groups + per_allocator[1:]
 
@@ -178,7 +190,8 @@ def compare_with_reference(config: ml_collections.ConfigDict, steps: int, warmup
                     timed = {**timed, "all": results[key]["all"] + timed["all"]}
                 results[key] = timed
             if number == 0:
-                matmul_peak = fp32_matmul_peak(baselines, workers, group, steps)
+                floor = time_products(baselines, workers, group, step_products(
+                    model_config(config.model), config.global_batch_size, config.seq_len))
             # Close the workers no later group times: each holds gigabytes (on jemalloc,
             # its largest step's), and a 24 GiB machine holds about six.
             later = {row.key for g in groups[number + 1:] for row in g}
@@ -190,31 +203,29 @@ def compare_with_reference(config: ml_collections.ConfigDict, steps: int, warmup
             worker.close()
     labels = {row.key: row.label for group in groups for row in group}
     default = next(iter(labels))
-    ours = {**info[default], "matmul_peak": matmul_peak,
-            "causal_flops_per_token": flops_per_token(
-                model_config(config.model), config.seq_len, causal=True)}
+    ours = {**info[default], "matmul_floor": floor}
     if not config.peak_flops_per_device:  # MFU against what this CPU measured, not a nominal
-        ours.update(peak_flops_per_device=matmul_peak / ours["num_devices"],
-                    peak_source="this CPU's fp32 matmul peak, measured in this run")
+        ours.update(peak_flops_per_device=floor["peak"] / ours["num_devices"],
+                    peak_source="the fastest of the step's products on this CPU, measured")
     return [_measurement(labels[key], results[key], info[key], rss.get(key), ours)
             for key in labels], ours
 
 
-def fp32_matmul_peak(baselines: Any, workers: dict[str, Any], group: list[Row],
-                     reps: int, n: int = 2048, calls: int = 4) -> float:
-    """FLOP/s of this CPU's fastest float32 matrix product: baselines.py's n^3 product in
-    the group's plain-JAX and torch workers (XLA's kernels and torch's), `calls` a timing,
-    round-robin, the best of both. No step's matmuls run faster."""
-    timers = []
+def time_products(baselines: Any, workers: dict[str, Any], group: list[Row],
+                  products: list[Product]) -> dict[str, float]:
+    """benchmark_products.matmul_floor of `products`, each timed alone in the group's
+    plain-JAX and torch workers (after the group's steps: nothing else runs then)."""
+    shapes = [(p.batch, p.m, p.k, p.n) for p in products]
+    unique = sorted(set(shapes))  # q, k, v and o share theirs: each is timed once
+    install = InstallInWorker(baselines.__name__, {"w_time_products": w_time_products})
+    timed = {}
     for row in group:
-        if row.kind == "jax":
-            workers[row.key].setup("w_matmul_jax", n=n, inner=calls)
-            timers.append((row.key, workers[row.key].timer("jax_fp32")))
-        elif row.kind == "torch":
-            workers[row.key].setup("w_matmul_torch", n=n, nb=512, inner=calls)
-            timers.append((row.key, workers[row.key].timer("torch_fp32")))
-    timed = baselines.interleave(timers, reps)
-    return max(2 * n ** 3 * calls / t["min"] for t in timed.values())
+        if row.kind in ("jax", "torch"):
+            seconds = workers[row.key].setup("w_time_products", install=install,
+                                             kind=row.kind, shapes=unique)["seconds"]
+            by_shape = dict(zip(unique, seconds))
+            timed[row.kind] = [by_shape[shape] for shape in shapes]
+    return matmul_floor(products, timed)
 
 
 def _set_up(worker: Any, row: Row, baselines: Any, config: ml_collections.ConfigDict,
@@ -252,19 +263,6 @@ def _measurement(label: str, timed: dict[str, Any], meta: dict[str, Any], rss: f
         first_loss=meta.get("first_loss", math.nan), memory_bytes=memory,
         faults_per_step=timed["minflt_median"],
         cpu_seconds_per_step=(timed["utime_median"], timed["stime_median"]))
-
-
-def ceiling_line(rows: list[Measurement], ours: dict[str, Any]) -> str:
-    """The most tokens/s any implementation could reach here: the step's matmuls (causal
-    attention computing only the scores it keeps) at the CPU's fastest float32 rate."""
-    ceiling = ours["matmul_peak"] / ours["causal_flops_per_token"]
-    shares = ", ".join(f"{r.name} {r.tokens_per_sec_median / ceiling:.0%}" for r in rows
-                       if r.name.endswith((", jemalloc", ", glibc")))
-    return (f"fp32 matmul peak {ours['matmul_peak'] / 1e9:.0f} GFLOP/s (a 2048^3 product, "
-            f"best of plain JAX and torch): at "
-            f"{ours['causal_flops_per_token'] / 1e6:.1f} MFLOP a token (causal attention) no "
-            f"implementation passes {ceiling:,.0f} tok/s on this CPU; median share of that: "
-            f"{shares}")
 
 
 def ratio_lines(rows: list[Measurement]) -> list[str]:

@@ -1,10 +1,14 @@
 """The --reference benchmark's rows: every ratio compares stacks timed in one group on one
-allocator, and each lever is timed beside the default row."""
+allocator, each lever is timed beside the default row, and the bound that the step's
+matrix products set is counted as the FLOP formula counts them."""
+
+import os
 
 import pytest
 
 from llmjax import runtime
-from llmjax.training import benchmark_reference
+from llmjax.models import flops_per_token, model_config
+from llmjax.training import benchmark_products, benchmark_reference
 from llmjax.training.benchmark import Measurement
 
 
@@ -21,8 +25,11 @@ def test_each_allocator_is_a_group_of_all_three_stacks_and_levers_sit_beside_the
     assert [g[0] for g in levers] == [first[0], first[0]]
     assert "--xla_cpu_use_onednn=true" in levers[0][1].env["XLA_FLAGS"]
     assert levers[0][1].env["LD_PRELOAD"] == first[0].env["LD_PRELOAD"]
-    with pytest.raises(ValueError, match="--levers=mkl: choose from onednn"):
+    with pytest.raises(ValueError, match="--levers=mkl: choose from control, onednn"):
         benchmark_reference.reference_rows(["mkl"])
+    (control,) = benchmark_reference.reference_rows(["control"])[1:2]
+    assert control[1].label == f"{first[0].label} + nothing (control)"
+    assert control[1].env == {**first[0].env, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
 
 
 def row(name, seconds):
@@ -43,12 +50,24 @@ def test_ratios_are_median_tokens_per_second_within_an_allocator():
         "--xla_cpu_use_onednn=true: +25.0% against llmjax, jemalloc (timed in the same group)"]
 
 
-def test_the_ceiling_is_the_matmul_peak_over_the_causal_flops_of_a_token():
-    # 4096 tokens a step: 1 s is 4096 tok/s, 2 s 2048; the ceiling 100e9 / 20e6 = 5000.
+def test_the_steps_products_count_the_flops_of_a_causal_step():
+    cfg = model_config(dict(vocab_size=8192, embed_dim=512, num_layers=8, num_heads=8,
+                            num_kv_heads=2, mlp_dim=1408))
+    products = benchmark_products.step_products(cfg, rows=8, seq_len=512)
+    assert sum(p.count * p.flops for p in products) == pytest.approx(
+        flops_per_token(cfg, 512, causal=True) * 8 * 512)
+
+
+def test_the_floor_takes_the_faster_kernel_per_shape_and_the_ceiling_is_tokens_over_it():
+    products = [benchmark_products.Product(2, 1, 100, 100, 100),  # 2e6 FLOPs each
+                benchmark_products.Product(0.5, 4, 10, 10, 10)]  # 8e3 FLOPs
+    floor = benchmark_products.matmul_floor(products, {"jax": [1e-4, 1e-6],
+                                                       "torch": [2e-4, 4e-7]})
+    assert floor["seconds"] == pytest.approx(2 * 1e-4 + 0.5 * 4e-7)
+    assert floor["peak"] == pytest.approx(2e10)  # 8e3 FLOPs in 4e-7 s
     rows = [row("llmjax, jemalloc", 1.0), row("HF torch eager (sdpa), jemalloc", 2.0),
             row("llmjax, jemalloc + --xla_cpu_use_onednn=true", 0.8)]
-    line = benchmark_reference.ceiling_line(
-        rows, {"matmul_peak": 100e9, "causal_flops_per_token": 20e6})
-    assert "fp32 matmul peak 100 GFLOP/s" in line and "20.0 MFLOP a token" in line
-    assert "passes 5,000 tok/s" in line
-    assert line.endswith("llmjax, jemalloc 82%, HF torch eager (sdpa), jemalloc 41%")
+    line = benchmark_products.ceiling_line(rows, {"seconds": 0.5, "peak": 2e11}, 4096)
+    assert "take 0.50 s: no implementation passes 8,192 tok/s" in line
+    assert "fastest product 200 GFLOP/s" in line
+    assert line.endswith("llmjax, jemalloc 50%, HF torch eager (sdpa), jemalloc 25%")
