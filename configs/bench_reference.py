@@ -10,16 +10,21 @@ Expect:   about 6 to 10 minutes on 2 cores, 3 more per --levers entry; one table
           model (vocab 8192, hidden 512, 8 layers, 8 heads, SwiGLU 1408, untied, fp32; batch
           8 x 512, AdamW), each on jemalloc and on glibc's malloc.
           Measured 2026-12-06 on 2 Intel Xeon cores (AVX-512, AMX-BF16), median tok/s of
-          one run: jemalloc: llmjax 791, plain JAX 830, HF torch eager 1,031; glibc: 426,
-          561, 957. Before the layer scan was unrolled on CPUs (model.scan_unroll=0), the
-          same machine gave llmjax 708 against plain JAX 838 and torch 1,113.
-          Measured 2026-12-01 on 2 AMD EPYC cores (AVX2), before that change: jemalloc:
+          one run, with chunked attention (auto's choice on CPU): jemalloc: llmjax 880,
+          plain JAX 792, HF torch eager 918; glibc: 800, 716, 986. Before it: 791, 830,
+          1,031 and 426, 561, 957. The machine drifted: later runs gave llmjax / plain
+          JAX / torch 792 / 799 / 1,032 and 619 / 714 / 895, the last with
+          --levers=control, whose second llmjax worker (the same program) ran 782, 26%
+          faster than the first: the first worker a run creates runs slower, and
+          llmjax's is the first (README, "Benchmark"). The step's matrix products, each
+          timed alone, bound any implementation at about 1,500 tok/s on this machine.
+          Measured 2026-12-01 on 2 AMD EPYC cores (AVX2), before scan_unroll: jemalloc:
           llmjax 301, plain JAX 331, HF torch eager 393; glibc: 269, 282, 352.
-          --xla_cpu_use_onednn=true, timed beside llmjax on jemalloc in a group of its own
-          (with the machine's memory nearly full, which slowed both): 289 against 269, +7.3%.
-Where the gap to plain JAX went, measured on CPU: XLA:CPU's rolled loop over the layers
-copies each layer's saved activations into stacked buffers and back (11% of the step on
-the Intel machine; model.scan_unroll=0 unrolls it on a CPU). Segment ids (the packed
+Where the gap to plain JAX went, measured on CPU: attention was 37% of the step's thread
+time on the Intel machine with XLA's [length, length] scores; the chunked kernel
+(model.attention_impl) skips the blocks a causal query cannot see. XLA:CPU's rolled loop
+over the layers copies each layer's saved activations into stacked buffers and back (11%
+of the step on the Intel machine; model.scan_unroll=0 unrolls it on a CPU). Segment ids (the packed
 batches that training feeds; the reference has none) cost about 5% on the AMD machine and
 nothing measurable on the Intel one (--nopacked leaves them out). The flat (batch * seq,
 embed) residual stream that both use is worth about 20% on XLA:CPU (llmjax went from 730
