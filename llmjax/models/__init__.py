@@ -61,13 +61,12 @@ def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
     return module_cls(cfg, rngs=nnx.Rngs(params=seed))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (matmul parameters) + attention scores and values.
 
     The input embedding lookup is not a matmul and is left out; attention counts
-    the full (non-causal) score matrix, as in the PaLM MFU convention, or with `causal`
-    the half a causal kernel that skips masked scores computes. Decoders add their
-    output head; BERT's pooler and classifier run once per sequence, not per token.
+    the full (non-causal) score matrix, as in the PaLM MFU convention. Decoders add
+    their output head; BERT's pooler and classifier run once per sequence, not per token.
     """
     d, hd = cfg.embed_dim, cfg.head_dim
     per_layer = (d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
@@ -75,4 +74,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> flo
     head = 0 if isinstance(cfg, BertConfig) else d * cfg.vocab_size
     matmul_params = cfg.num_layers * per_layer + head
     attention = 12 * cfg.num_layers * seq_len * cfg.num_heads * hd
-    return 6 * matmul_params + (attention / 2 if causal else attention)
+    return 6 * matmul_params + attention
