@@ -244,7 +244,9 @@ def test_a_burst_past_the_queue_gets_429s_and_the_rest_completes(model_dir):
         codes = [r.status_code for r in responses]
         print(f"\nburst of 12 (1 slot, queue 2): {codes.count(200)} completed, "
               f"{codes.count(429)} got 429, in {time.monotonic() - start:.1f}s")
-        assert set(codes) == {200, 429} and codes.count(200) >= 3
+        # At least the queue's two; a third when the slot took the first request before
+        # the burst filled the queue (not on a busy machine: 2 completed once in CI).
+        assert set(codes) == {200, 429} and codes.count(200) >= 2
         assert all(r.headers.get("retry-after") for r in responses if r.status_code == 429)
         assert all(r.json()["choices"][0]["finish_reason"] for r in responses
                    if r.status_code == 200)
