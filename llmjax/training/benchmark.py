@@ -167,6 +167,18 @@ def device_peak_bytes() -> float | None:
     return float(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
+def best_seconds(run: Callable[[], Any], reps: int) -> float:
+    """The least wall time of `reps` calls of `run` (which blocks until its work is done),
+    after one untimed call (compiling, warming buffers)."""
+    run()
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def measure(config: ml_collections.ConfigDict, steps: int, warmup: int = 1,
             packed: bool = True, name: str = "llmjax") -> tuple[Measurement, dict[str, Any]]:
     """Compile and time llmjax's train step in this process: `warmup` untimed steps after

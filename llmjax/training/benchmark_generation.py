@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from llmjax.training import benchmark_llamacpp
+from llmjax.training.benchmark import best_seconds
 from llmjax.training.benchmark_reference import InstallInWorker, load_baselines, peak_rss_bytes
 
 BATCHES = (1, 8, 32)
@@ -173,13 +174,7 @@ def read_bandwidth(gib: int = 1) -> float:
     matrix = jnp.ones((gib * 2**28 // 4096, 4096), jnp.float32)
     vector = jnp.ones((4096,), jnp.float32)
     product = jax.jit(jnp.matmul)
-    product(matrix, vector).block_until_ready()
-    best = math.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        product(matrix, vector).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return matrix.nbytes / best
+    return matrix.nbytes / best_seconds(lambda: product(matrix, vector).block_until_ready(), 5)
 
 
 def save_reference_model(baselines_path: str, directory: str, seed: int = 7) -> str:

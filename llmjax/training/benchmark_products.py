@@ -11,11 +11,10 @@ fastest rate any of the shapes reached.
 """
 
 import dataclasses
-import time
 from typing import Any
 
 from llmjax.models import ModelConfig
-from llmjax.training.benchmark import Measurement
+from llmjax.training.benchmark import Measurement, best_seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,17 +74,7 @@ def w_time_products(install: str, kind: str, shapes: list[tuple[int, int, int, i
             a = jnp.ones((batch, m, k) if batch > 1 else (m, k), jnp.float32)
             b = jnp.ones((batch, k, n) if batch > 1 else (k, n), jnp.float32)
             return lambda: product(a, b).block_until_ready()
-    best = []
-    for shape in shapes:
-        run = make(*shape)
-        run()  # compiles (jax), warms the kernel's buffers (both)
-        timings = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            run()
-            timings.append(time.perf_counter() - start)
-        best.append(min(timings))
-    return {"seconds": best}
+    return {"seconds": [best_seconds(make(*shape), reps) for shape in shapes]}
 
 
 def matmul_floor(products: list[Product], timed: dict[str, list[float]]) -> dict[str, float]:
